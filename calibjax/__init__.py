@@ -1,0 +1,6 @@
+"""calibjax: validity–diversity calibration of language models, in JAX."""
+
+from calibjax import errors
+from calibjax.inputs import check_logits
+from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
+from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats

@@ -1,0 +1,113 @@
+"""Input normalisation shared by every array-core function.
+
+Logits of any float dtype are upcast to float32 before any arithmetic (SPEC §0); masks must be
+boolean and broadcast to the logits' shape. Shape problems raise at trace time (they are
+static), value problems (NaN / +inf logits) never raise inside jit: they become a per-row
+``finite`` flag. :func:`check_logits` is the host-side check that raises instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from calibjax import errors
+
+
+def as_logits(logits: ArrayLike, name: str = "logits") -> jax.Array:
+  """Returns ``logits`` as a float32 array of rank ≥ 1 (bf16/fp16/ints upcast)."""
+  dtype = getattr(logits, "dtype", None) or np.asarray(logits).dtype
+  if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+    raise errors.InputError(f"{name} must be a real array, got dtype {dtype}.")
+  z = jnp.asarray(logits, dtype=jnp.float32)
+  if z.ndim < 1 or z.shape[-1] < 1:
+    raise errors.InputError(
+        f"{name} must have shape [..., V] with V >= 1, got shape {z.shape}.")
+  return z
+
+
+def as_mask(valid_mask: ArrayLike, shape: tuple[int, ...],
+            name: str = "valid_mask") -> jax.Array:
+  """Returns a bool mask broadcast to ``shape``; raises if it cannot be."""
+  m = jnp.asarray(valid_mask)
+  if m.dtype != jnp.bool_:
+    raise errors.InputError(
+        f"{name} must be a bool array (True = valid token), got dtype {m.dtype}.")
+  try:
+    ok = jnp.broadcast_shapes(m.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise errors.ShapeMismatchError(
+        f"{name} of shape {m.shape} does not match logits of shape {tuple(shape)} "
+        "(it must have the same shape, or broadcast to it, with the same vocabulary size).")
+  return jnp.broadcast_to(m, shape)
+
+
+def as_weights(target: ArrayLike, shape: tuple[int, ...], name: str = "target") -> jax.Array:
+  """Returns float32 non-negative weights broadcast to ``shape`` (a target over tokens)."""
+  r = jnp.asarray(target, dtype=jnp.float32)
+  try:
+    ok = jnp.broadcast_shapes(r.shape, shape) == tuple(shape)
+  except ValueError:
+    ok = False
+  if not ok:
+    raise errors.ShapeMismatchError(
+        f"{name} of shape {r.shape} does not match logits of shape {tuple(shape)}.")
+  return jnp.broadcast_to(r, shape)
+
+
+def row_finite(z: jax.Array) -> jax.Array:
+  """Per-row flag ``[...]``: no NaN, no +inf, and at least one logit above -inf."""
+  return (~jnp.any(jnp.isnan(z) | (z == jnp.inf), axis=-1)) & jnp.any(z > -jnp.inf, axis=-1)
+
+
+def check_logits(logits: ArrayLike, name: str = "logits") -> None:
+  """Host-side check: raises :class:`NonFiniteLogitsError` naming the first bad rows.
+
+  Use it at entry points that receive logits from outside (files, models, users) before the
+  jitted core, which would otherwise return NaN results with ``finite = False``.
+
+  Example:
+    >>> check_logits(np.array([[0.0, np.nan]]))  # raises: row (0,) token 1 is nan
+  """
+  z = np.asarray(jax.device_get(logits), dtype=np.float32)
+  if z.ndim < 1 or z.shape[-1] < 1:
+    raise errors.InputError(f"{name} must have shape [..., V] with V >= 1, got {z.shape}.")
+  bad = np.isnan(z) | (z == np.inf)
+  all_neg_inf = np.all(z == -np.inf, axis=-1)
+  if not bad.any() and not all_neg_inf.any():
+    return
+  rows = np.argwhere(bad.any(axis=-1) | all_neg_inf)
+  lines = []
+  for row in rows[:5]:
+    row = tuple(int(i) for i in row)
+    if all_neg_inf[row]:
+      lines.append(f"row {row}: every logit is -inf (no token has probability > 0)")
+    else:
+      tok = int(np.argmax(bad[row]))
+      lines.append(f"row {row}: token {tok} is {z[row][tok]}")
+  more = f" (and {len(rows) - 5} more rows)" if len(rows) > 5 else ""
+  raise errors.NonFiniteLogitsError(
+      f"{name} of shape {z.shape} has {len(rows)} bad rows{more}: " + "; ".join(lines) +
+      ". NaN and +inf logits are invalid; -inf is allowed for tokens with probability 0.")
+
+
+def capacity(valid_mask: jax.Array, max_valid: int | None) -> int:
+  """Static number of slots for the valid logits of one row (a power of two, > max_valid).
+
+  With a concrete mask and ``max_valid=None`` the largest valid count is read from the mask;
+  under tracing without ``max_valid`` every row may be fully valid, so the whole vocabulary is
+  provisioned (correct, but as slow as a full sort). Rows with more valid tokens than
+  ``max_valid`` are reported by the ``capacity_ok`` flag and get NaN results.
+  """
+  vocab = valid_mask.shape[-1]
+  if max_valid is None:
+    if isinstance(valid_mask, jax.core.Tracer):
+      max_valid = vocab
+    else:
+      max_valid = int(np.max(np.sum(np.asarray(valid_mask), axis=-1), initial=0))
+  max_valid = min(max(int(max_valid), 1), vocab)
+  return 1 << max_valid.bit_length()  # > max_valid: one slot stays +inf as a sentinel

@@ -1,0 +1,227 @@
+"""Shape calibration (SPEC §2): how probability mass is spread over the valid tokens.
+
+With ``p = softmax(z / T)``, valid set ``V`` and ``q = p|_V`` renormalised, everything is
+computed in log space from three log-sum-exps per row (all tokens, valid tokens, and the
+target-weighted terms), one row at a time so a 262,144-token row stays in cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.typing import ArrayLike
+
+from calibjax import errors, inputs
+from calibjax.rowwise import map_rows
+
+
+@struct.dataclass
+class ShapeStats:
+  """Shape metrics per row (``[...]``). NaN where ``defined`` is False (no valid token or a
+  non-finite row), except ``valid_mass``/``invalid_mass`` which stay defined for finite rows.
+
+  Fields:
+    valid_mass / invalid_mass: ``p(V)`` and ``1 - p(V)`` (each summed directly).
+    valid_entropy: ``H(q)`` in nats; normalized_valid_entropy: ``H(q) / log n_val`` (1 when
+      ``n_val = 1``); effective_valid: ``exp H(q)``; inverse_simpson: ``1 / Σ q²``.
+    kl_target_to_q: ``KL(r ‖ q)``; kl_q_to_target: ``KL(q ‖ r)``; tv_to_target: ``TV(q, r)``.
+    kl_target_to_p: ``KL(r ‖ p)``, computed on its own; equals
+      ``kl_target_to_q + neg_log_valid_mass`` (SPEC §2 decomposition).
+    neg_log_valid_mass: ``-log p(V)``.
+    finite, has_valid, defined: per-row flags.
+  """
+  valid_mass: jax.Array
+  invalid_mass: jax.Array
+  valid_entropy: jax.Array
+  normalized_valid_entropy: jax.Array
+  effective_valid: jax.Array
+  inverse_simpson: jax.Array
+  kl_target_to_q: jax.Array
+  kl_q_to_target: jax.Array
+  tv_to_target: jax.Array
+  kl_target_to_p: jax.Array
+  neg_log_valid_mass: jax.Array
+  finite: jax.Array
+  has_valid: jax.Array
+  defined: jax.Array
+
+
+def _lse(x, where):
+  return jax.nn.logsumexp(jnp.where(where, x, -jnp.inf))
+
+
+def _xlogy_sum(x, y):
+  """``Σ x·y`` with ``0·(±inf) = 0`` (entropy and KL convention)."""
+  return jnp.sum(jnp.where(x > 0, x * y, 0.0))
+
+
+def _row_shape(z, m, w, temperature):
+  a = z / temperature
+  lse_all = jax.nn.logsumexp(a)
+  lse_val = _lse(a, m)
+  lse_inv = _lse(a, ~m)
+  log_q = a - lse_val
+  q = jnp.where(m, jnp.exp(log_q), 0.0)
+  n = jnp.sum(m, dtype=jnp.float32)
+  entropy = -_xlogy_sum(q, log_q)
+  w = jnp.where(m, w, 0.0)
+  r = w / jnp.sum(w)
+  log_r = jnp.log(r)
+  return dict(
+      valid_mass=jnp.exp(lse_val - lse_all), invalid_mass=jnp.exp(lse_inv - lse_all),
+      valid_entropy=entropy,
+      normalized_valid_entropy=jnp.where(n > 1, entropy / jnp.log(n), 1.0),
+      effective_valid=jnp.exp(entropy), inverse_simpson=1.0 / jnp.sum(q * q),
+      kl_target_to_q=_xlogy_sum(r, log_r - log_q), kl_q_to_target=_xlogy_sum(q, log_q - log_r),
+      tv_to_target=0.5 * jnp.sum(jnp.abs(q - r)),
+      kl_target_to_p=_xlogy_sum(r, log_r - (a - lse_all)),
+      neg_log_valid_mass=lse_all - lse_val)
+
+
+@jax.jit
+def _shape_stats(z, m, w, temperature):
+  batch = z.shape[:-1]
+  t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), batch)
+  out = map_rows(_row_shape, z, m, w, t, batch_shape=batch)
+  finite = inputs.row_finite(z) & (t > 0)
+  has_valid = jnp.any(m, axis=-1)
+  defined = finite & has_valid
+  masses = ("valid_mass", "invalid_mass")
+  out = {k: jnp.where(defined | (finite & (k in masses)), v, jnp.nan) for k, v in out.items()}
+  return ShapeStats(**out, finite=finite, has_valid=has_valid, defined=defined)
+
+
+def _check_temperature(temperature, name="temperature"):
+  if not isinstance(temperature, jax.core.Tracer):
+    t = np.asarray(temperature, dtype=np.float64)
+    if not np.all(np.isfinite(t) & (t > 0)):
+      raise errors.InputError(f"{name} must be finite and > 0, got {t.ravel()[:8].tolist()}.")
+
+
+def _target_weights(target, shape):
+  if target is None:
+    return jnp.ones((), jnp.float32)  # uniform over the valid set after masking
+  w = inputs.as_weights(target, shape)
+  if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(w >= 0)):
+    raise errors.InputError("target weights must be non-negative.")
+  return w
+
+
+def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike = 1.0,
+                target: ArrayLike | None = None) -> ShapeStats:
+  """Shape metrics of SPEC §2 for every row of ``logits [..., V]``.
+
+  ``p = softmax(z / T)``, ``q = p`` restricted to the valid set and renormalised, ``r`` the
+  target: ``target`` weights ``[..., V]`` restricted to the valid set and renormalised, or the
+  uniform distribution on the valid set when ``target`` is None. Then
+  ``KL(r ‖ p) = KL(r ‖ q) + (−log p(V))`` holds per row.
+
+  Args:
+    logits: ``[..., V]`` (upcast to float32; ``-inf`` legal).
+    valid_mask: bool ``[..., V]`` or broadcastable.
+    temperature: scalar or ``[...]``, > 0 (a new value does not recompile).
+    target: optional non-negative weights ``[..., V]`` or broadcastable (e.g. ``[V]``).
+
+  Returns:
+    :class:`ShapeStats` with fields ``[...]``. Rows with NaN/+inf logits or ``T ≤ 0`` inside
+    jit: NaN and ``finite = False``; rows without valid tokens: ``valid_mass = 0`` and NaN
+    elsewhere. A target with zero weight on a valid token that ``q`` covers gives
+    ``kl_q_to_target = inf`` (and ``kl_target_to_q = inf`` the other way round).
+
+  Raises:
+    ShapeMismatchError / InputError for mismatched shapes, non-positive concrete
+    temperatures and negative concrete targets.
+
+  Example:
+    >>> s = shape_stats(jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([True, True, False]))
+    >>> float(s.valid_mass), float(s.effective_valid)   # q = (2/3, 1/3)
+    (0.75, 1.8898...)
+  """
+  z = inputs.as_logits(logits)
+  m = inputs.as_mask(valid_mask, z.shape)
+  _check_temperature(temperature)
+  w = jnp.broadcast_to(_target_weights(target, z.shape), z.shape)
+  return _shape_stats(z, m, w, temperature)
+
+
+@struct.dataclass
+class GroupMasses:
+  """Masses of three token groups per temperature: fields ``[n_T, ...]``, summing to 1.
+
+  ``over``: valid tokens over-represented at T = 1 (``q_v > r_v``), or the top-m valid tokens
+  by logit (ties at the m-th kept) when ``top_m`` is given; ``under``: the other valid tokens;
+  ``invalid``: invalid tokens. ``temperatures`` echoes the grid.
+  """
+  temperatures: jax.Array
+  over: jax.Array
+  under: jax.Array
+  invalid: jax.Array
+
+
+def _row_groups(z, m, w, temps, top_m):
+  if top_m is None:
+    log_q = z - _lse(z, m)
+    w = jnp.where(m, w, 0.0)
+    over = m & (jnp.exp(log_q) * jnp.sum(w) > w)  # q_v > r_v at T = 1
+  else:
+    kth = jax.lax.top_k(jnp.where(m, z, -jnp.inf), min(top_m, z.shape[-1]))[0][-1]
+    over = m & (z >= kth)
+  top = jnp.max(z)
+
+  def at(t):
+    e = jnp.exp((z - top) / t)
+    tot = jnp.sum(e)
+    return (jnp.sum(jnp.where(over, e, 0.0)) / tot,
+            jnp.sum(jnp.where(m & ~over, e, 0.0)) / tot,
+            jnp.sum(jnp.where(m, 0.0, e)) / tot)
+
+  return jax.lax.map(at, temps)
+
+
+@functools.partial(jax.jit, static_argnames=("top_m",))
+def _group_masses(z, m, w, temps, top_m):
+  batch = z.shape[:-1]
+  over, under, invalid = map_rows(
+      lambda zr, mr, wr: _row_groups(zr, mr, wr, temps, top_m), z, m, w, batch_shape=batch)
+  finite = inputs.row_finite(z)
+  fix = lambda x: jnp.where(finite, jnp.moveaxis(x, len(batch), 0), jnp.nan)
+  return GroupMasses(temperatures=temps, over=fix(over), under=fix(under), invalid=fix(invalid))
+
+
+def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLike,
+                 target: ArrayLike | None = None, top_m: int | None = None) -> GroupMasses:
+  """Mass of the over-represented valid, other valid and invalid tokens at each temperature.
+
+  The paper's shape figure. Groups are fixed once (at T = 1, against the target ``r`` as in
+  :func:`shape_stats`, or as the top-``m`` valid tokens), then for each ``T`` in
+  ``temperatures`` the masses of ``softmax(z / T)`` on the three groups are returned.
+
+  Args:
+    logits: ``[..., V]``; valid_mask: bool ``[..., V]``.
+    temperatures: ``[n_T]`` array of temperatures > 0 (new values do not recompile).
+    target: optional weights as in :func:`shape_stats`.
+    top_m: static int; when given, ``over`` is the top-m valid tokens instead.
+
+  Returns:
+    :class:`GroupMasses` with fields ``[n_T, ...]``; NaN for non-finite rows.
+
+  Example:
+    >>> g = group_masses(jnp.log(jnp.array([0.6, 0.2, 0.2])), jnp.array([True, True, False]),
+    ...                  jnp.array([1.0, 100.0]))
+    >>> g.over.tolist()     # token 0 is over-represented (q = .75 > r = .5)
+    [0.6, 0.335...]
+  """
+  z = inputs.as_logits(logits)
+  m = inputs.as_mask(valid_mask, z.shape)
+  temps = jnp.asarray(temperatures, jnp.float32)
+  if temps.ndim != 1:
+    raise errors.InputError(f"temperatures must be a 1-D array, got shape {temps.shape}.")
+  _check_temperature(temperatures, "temperatures")
+  if top_m is not None and int(top_m) < 1:
+    raise errors.InputError(f"top_m must be >= 1, got {top_m}.")
+  w = jnp.broadcast_to(_target_weights(target, z.shape), z.shape)
+  return _group_masses(z, m, w, temps, None if top_m is None else int(top_m))

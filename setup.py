@@ -1,0 +1,30 @@
+"""calibjax: validity–diversity calibration of language models, in JAX."""
+
+from setuptools import find_packages, setup
+
+# Pinned: the versions the test suite and the benchmark figures were produced with
+# (see BUILD_NOTES.md for why each pin).
+STACK = [
+    "jax==0.12.0.1",
+    "jaxlib==0.12.0.1",
+    "flax==0.12.12",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "chex==0.1.92",
+    "absl-py==2.5.1",
+    "numpy==2.5.5",
+    "tqdm==4.70.1",
+]
+
+setup(
+    name="calibjax",
+    version="0.1.0",
+    description="Validity–diversity calibration of language models, in JAX",
+    python_requires=">=3.12",
+    packages=find_packages(include=["calibjax", "calibjax.*", "kernels", "kernels.*"]),
+    install_requires=STACK,
+    extras_require={
+        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-xdist==3.8.0"],
+        "plots": ["matplotlib==3.11.2"],
+    },
+)
