@@ -60,11 +60,13 @@ def _xlogy_sum(x, y):
 
 
 def _row_shape(z, m, w, temperature):
-  a = z / temperature
-  lse_all = jax.nn.logsumexp(a)
-  lse_val = _lse(a, m)
-  lse_inv = _lse(a, ~m)
-  log_q = a - lse_val
+  # Shift by the row's (valid) maximum before dividing by T: at small T, z / T is large and
+  # its rounding error would swamp log q of the dominant token.
+  top, top_val = jnp.max(z), jnp.max(jnp.where(m, z, -jnp.inf))
+  log_p = (z - top) / temperature
+  log_p = log_p - jax.nn.logsumexp(log_p)
+  log_q = (z - top_val) / temperature
+  log_q = log_q - _lse(log_q, m)
   q = jnp.where(m, jnp.exp(log_q), 0.0)
   n = jnp.sum(m, dtype=jnp.float32)
   entropy = -_xlogy_sum(q, log_q)
@@ -72,14 +74,14 @@ def _row_shape(z, m, w, temperature):
   r = w / jnp.sum(w)
   log_r = jnp.log(r)
   return dict(
-      valid_mass=jnp.exp(lse_val - lse_all), invalid_mass=jnp.exp(lse_inv - lse_all),
+      valid_mass=jnp.exp(_lse(log_p, m)), invalid_mass=jnp.exp(_lse(log_p, ~m)),
       valid_entropy=entropy,
       normalized_valid_entropy=jnp.where(n > 1, entropy / jnp.log(n), 1.0),
       effective_valid=jnp.exp(entropy), inverse_simpson=1.0 / jnp.sum(q * q),
       kl_target_to_q=_xlogy_sum(r, log_r - log_q), kl_q_to_target=_xlogy_sum(q, log_q - log_r),
       tv_to_target=0.5 * jnp.sum(jnp.abs(q - r)),
-      kl_target_to_p=_xlogy_sum(r, log_r - (a - lse_all)),
-      neg_log_valid_mass=lse_all - lse_val)
+      kl_target_to_p=_xlogy_sum(r, log_r - log_p),
+      neg_log_valid_mass=-_lse(log_p, m))
 
 
 @jax.jit

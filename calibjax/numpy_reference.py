@@ -1,0 +1,152 @@
+"""Float64 NumPy references of the metrics, written straight from SPEC.md with full sorts.
+
+Slow and simple on purpose: the tests compare the JAX array core against these, and
+``experiments/benchmark.py`` times them as the baseline. One row at a time; every function
+takes ``[..., V]`` NumPy arrays and returns a dict of ``[...]`` arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ORDER_FIELDS = ("auroc", "order_error", "average_precision", "best_f1", "clean_head",
+                "k_all_valid", "margin")
+SHAPE_FIELDS = ("valid_mass", "invalid_mass", "valid_entropy", "normalized_valid_entropy",
+                "effective_valid", "inverse_simpson", "kl_target_to_q", "kl_q_to_target",
+                "tv_to_target", "kl_target_to_p", "neg_log_valid_mass")
+
+
+def _rows(fn, *arrays):
+  lead = arrays[0].shape[:-1]
+  flat = [np.broadcast_to(a, arrays[0].shape).reshape(-1, arrays[0].shape[-1]) for a in arrays]
+  outs = [fn(*row) for row in zip(*flat)]
+  return {k: np.array([o[k] for o in outs]).reshape(lead + np.shape(outs[0][k]))
+          for k in outs[0]}
+
+
+def _order_row(z, m):
+  z = z.astype(np.float64)
+  n, vocab = int(m.sum()), z.size
+  if n == 0 or n == vocab or not np.all(np.isfinite(z) | (z == -np.inf)) or np.all(z == -np.inf):
+    return {k: np.nan for k in ORDER_FIELDS}
+  val, inv = np.sort(z[m]), np.sort(z[~m])
+  zs = np.sort(z)
+  below = np.searchsorted(inv, val, "left")
+  ties = np.searchsorted(inv, val, "right") - below
+  auroc = (below + 0.5 * ties).sum() / (n * (vocab - n))
+  gt_all = vocab - np.searchsorted(zs, val, "right")
+  eq_all = np.searchsorted(zs, val, "right") - np.searchsorted(zs, val, "left")
+  gt_val = n - np.searchsorted(val, val, "right")
+  eq_val = np.searchsorted(val, val, "right") - np.searchsorted(val, val, "left")
+  ap = np.mean((gt_val + (eq_val + 1) / 2) / (gt_all + (eq_all + 1) / 2))
+  tp, kept = gt_val + eq_val, gt_all + eq_all
+  margin = 0.0 if val[0] == inv[-1] else val[0] - inv[-1]
+  return dict(auroc=auroc, order_error=1 - auroc, average_precision=ap,
+              best_f1=np.max(2 * tp / (kept + n)), clean_head=float(np.sum(val > inv[-1])),
+              k_all_valid=float(np.sum(z >= val[0])), margin=margin)
+
+
+def order_stats(logits, valid_mask):
+  return _rows(_order_row, np.asarray(logits), np.asarray(valid_mask))
+
+
+def recall_at_precision(logits, valid_mask, tau):
+  def row(z, m):
+    z = z.astype(np.float64)
+    n = m.sum()
+    if n == 0 or n == z.size or not np.all(np.isfinite(z) | (z == -np.inf)):
+      return {"r": np.nan}
+    best = 0.0
+    for t in np.unique(z[m]):
+      kept = z >= t
+      if (kept & m).sum() >= tau * kept.sum():
+        best = max(best, (kept & m).sum() / n)
+    return {"r": best}
+  return _rows(row, np.asarray(logits), np.asarray(valid_mask))["r"]
+
+
+def _logsumexp(x):
+  top = np.max(x)
+  if top == -np.inf:
+    return -np.inf
+  return top + np.log(np.sum(np.exp(x - top)))
+
+
+def _xlogy(x, y):
+  with np.errstate(invalid="ignore"):
+    return np.sum(np.where(x > 0, x * np.where(x > 0, y, 0.0), 0.0))
+
+
+def _shape_row(z, m, w, temperature):
+  a = z.astype(np.float64) / temperature
+  lse = _logsumexp(a)
+  p = np.exp(a - lse)
+  n = m.sum()
+  out = dict(valid_mass=p[m].sum(), invalid_mass=p[~m].sum())
+  if n == 0:
+    return {**{k: np.nan for k in SHAPE_FIELDS}, **out}
+  lse_val = _logsumexp(a[m])  # log space: q stays defined when p(V) underflows
+  with np.errstate(divide="ignore", invalid="ignore"):
+    log_q = np.where(m, a - lse_val, -np.inf)
+    q = np.exp(log_q)
+    r = np.where(m, w, 0.0) / np.where(m, w, 0.0).sum()
+    log_r = np.log(r)
+  h = -_xlogy(q, log_q)
+  with np.errstate(invalid="ignore"):  # -inf - -inf where both weights are 0 (masked out)
+    diffs = (log_r - log_q, log_q - log_r, log_r - (a - lse))
+  return dict(
+      out, valid_entropy=h, normalized_valid_entropy=h / np.log(n) if n > 1 else 1.0,
+      effective_valid=np.exp(h), inverse_simpson=1 / np.sum(q * q),
+      kl_target_to_q=_xlogy(r, diffs[0]), kl_q_to_target=_xlogy(q, diffs[1]),
+      tv_to_target=0.5 * np.abs(q - r).sum(), kl_target_to_p=_xlogy(r, diffs[2]),
+      neg_log_valid_mass=lse - lse_val)
+
+
+def shape_stats(logits, valid_mask, temperature=1.0, target=None):
+  z = np.asarray(logits)
+  w = np.ones(z.shape[-1]) if target is None else np.asarray(target, np.float64)
+  return _rows(lambda zr, mr, wr: _shape_row(zr, mr, wr, temperature), z,
+               np.asarray(valid_mask), w)
+
+
+def group_masses(logits, valid_mask, temperatures, target=None, top_m=None):
+  z = np.asarray(logits)
+  w = np.ones(z.shape[-1]) if target is None else np.asarray(target, np.float64)
+
+  def row(zr, m, wr):
+    zr = zr.astype(np.float64)
+    if top_m is None:
+      q = np.where(m, np.exp(zr - _logsumexp(zr[m])), 0.0)
+      over = m & (q > np.where(m, wr, 0.0) / np.where(m, wr, 0.0).sum())
+    else:
+      over = m & (zr >= np.sort(zr[m])[::-1][min(top_m, m.sum()) - 1])
+    res = {"over": [], "under": [], "invalid": []}
+    for t in temperatures:
+      p = np.exp(zr / t - _logsumexp(zr / t))
+      res["over"].append(p[over].sum())
+      res["under"].append(p[m & ~over].sum())
+      res["invalid"].append(p[~m].sum())
+    return {k: np.array(v) for k, v in res.items()}
+
+  out = _rows(row, z, np.asarray(valid_mask), w)
+  return {k: np.moveaxis(v, -1, 0) for k, v in out.items()}
+
+
+def cutoff_curve(logits, valid_mask, cutoffs, temperature=1.0):
+  """Top-r precision/recall/validity; ties at the cutoff count fractionally."""
+  def row(z, m):
+    z = z.astype(np.float64)
+    p = np.exp(z / temperature - _logsumexp(z / temperature))
+    out = {"precision": [], "recall": [], "validity": []}
+    zs = np.sort(z)[::-1]
+    for r in cutoffs:
+      t = zs[r - 1]
+      gt, eq = z > t, z == t
+      frac = (r - gt.sum()) / eq.sum()
+      kv = (gt & m).sum() + frac * (eq & m).sum()
+      out["precision"].append(kv / r)
+      out["recall"].append(kv / m.sum())
+      out["validity"].append((p[gt & m].sum() + frac * p[eq & m].sum()) /
+                             (p[gt].sum() + frac * p[eq].sum()))
+    return {k: np.array(v) for k, v in out.items()}
+  return _rows(row, np.asarray(logits), np.asarray(valid_mask))

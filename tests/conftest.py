@@ -1,0 +1,10 @@
+"""Test set-up: 8 fake CPU devices before JAX starts, absl flags marked parsed."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
