@@ -4,3 +4,6 @@ from calibjax import errors
 from calibjax.inputs import check_logits
 from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
 from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
+from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
+                                  distributional_calibration, full_ece, proper_scores,
+                                  top_label_ece)

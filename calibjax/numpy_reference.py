@@ -150,3 +150,58 @@ def cutoff_curve(logits, valid_mask, cutoffs, temperature=1.0):
                              (p[gt].sum() + frac * p[eq].sum()))
     return {k: np.array(v) for k, v in out.items()}
   return _rows(row, np.asarray(logits), np.asarray(valid_mask))
+
+
+def _log_softmax(z, temperature=1.0):
+  a = np.asarray(z, np.float64) / temperature
+  return a - np.array([_logsumexp(r) for r in a.reshape(-1, a.shape[-1])]).reshape(
+      a.shape[:-1] + (1,))
+
+
+def _ece(bins, prob, outcome, n_bins):
+  count = np.bincount(bins, minlength=n_bins).astype(np.float64)
+  sp = np.bincount(bins, prob, minlength=n_bins)
+  so = np.bincount(bins, outcome, minlength=n_bins)
+  ok = count > 0
+  gap = np.zeros(n_bins)
+  gap[ok] = np.abs(so[ok] / count[ok] - sp[ok] / count[ok])
+  w = count / count.sum()
+  return dict(count=count, ece_l1=(w * gap).sum(), ece_l2=np.sqrt((w * gap**2).sum()),
+              ece_max=gap.max())
+
+
+def top_label_ece(logits, labels, n_bins=15, binning="width"):
+  lp = _log_softmax(logits).reshape(-1, np.shape(logits)[-1])
+  y = np.asarray(labels).reshape(-1)
+  conf = np.exp(lp.max(-1))
+  correct = np.array([(row[t] == row.max()) / np.sum(row == row.max()) for row, t in zip(lp, y)])
+  if binning == "width":
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+  else:
+    # a position's bin = the number of cut values (equal-count quantiles) at or below it
+    cuts = np.sort(conf)[(np.arange(1, n_bins) * len(conf)) // n_bins]
+    bins = np.array([np.sum(cuts <= c) for c in conf])
+  return _ece(bins, conf, correct, n_bins)
+
+
+def _log_bins(p, n_bins, p_min):
+  edges = np.logspace(np.log10(p_min), 0, n_bins)  # edges[0] = p_min, edges[-1] = 1
+  return np.minimum(np.searchsorted(edges, p, side="right"), n_bins - 1)
+
+
+def full_ece(logits, labels, n_bins=17, p_min=1e-8):
+  p = np.exp(_log_softmax(logits)).reshape(-1, np.shape(logits)[-1])
+  y = np.asarray(labels).reshape(-1)
+  hit = np.zeros_like(p)
+  hit[np.arange(len(y)), y] = 1
+  return _ece(_log_bins(p.ravel(), n_bins, p_min), p.ravel(), hit.ravel(), n_bins)
+
+
+def distributional_calibration(logits, target, n_bins=17, p_min=1e-8):
+  p = np.exp(_log_softmax(logits)).reshape(-1, np.shape(logits)[-1])
+  r = np.broadcast_to(np.asarray(target, np.float64), np.shape(logits)).reshape(p.shape)
+  r = r / r.sum(-1, keepdims=True)
+  out = _ece(_log_bins(p.ravel(), n_bins, p_min), p.ravel(), r.ravel(), n_bins)
+  with np.errstate(divide="ignore"):
+    kl = np.sum(np.where(r > 0, r * (np.log(np.where(r > 0, r, 1)) - np.log(p)), 0), -1)
+  return dict(out, tv=0.5 * np.abs(p - r).sum(-1), kl_target_to_p=kl)
