@@ -60,35 +60,50 @@ def _xlogy_sum(x, y):
 
 
 def _row_shape(z, m, w, temperature):
-  # Shift by the row's (valid) maximum before dividing by T: at small T, z / T is large and
-  # its rounding error would swamp log q of the dominant token.
+  """One exp pass: valid logits shifted by the valid maximum, invalid ones by the row maximum
+  (so q stays exact when p(V) underflows at small T), then a few sums."""
   top, top_val = jnp.max(z), jnp.max(jnp.where(m, z, -jnp.inf))
-  log_p = (z - top) / temperature
-  log_p = log_p - jax.nn.logsumexp(log_p)
-  log_q = (z - top_val) / temperature
-  log_q = log_q - _lse(log_q, m)
-  q = jnp.where(m, jnp.exp(log_q), 0.0)
+  x = (z - jnp.where(m, top_val, top)) / temperature
+  e = jnp.exp(x)
+  s_val = jnp.sum(jnp.where(m, e, 0.0))
+  s_inv = jnp.sum(jnp.where(m, 0.0, e))
+  log_s_val = jnp.log(s_val)
+  log_val = (top_val - top) / temperature + log_s_val  # log Σ_V exp((z - top) / T)
+  log_all = jnp.logaddexp(log_val, jnp.log(s_inv))
+  q = jnp.where(m, e / s_val, 0.0)
+  log_q = x - log_s_val
+  entropy = log_s_val - _xlogy_sum(q, x)
   n = jnp.sum(m, dtype=jnp.float32)
-  entropy = -_xlogy_sum(q, log_q)
-  w = jnp.where(m, w, 0.0)
-  r = w / jnp.sum(w)
-  log_r = jnp.log(r)
+  if w is None:  # uniform target on the valid set: closed forms
+    r = jnp.where(m, 1.0 / n, 0.0)
+    r_log_r = -jnp.log(n)
+    q_log_r = -jnp.log(n)
+  else:
+    w = jnp.where(m, w, 0.0)
+    r = w / jnp.sum(w)
+    log_r = jnp.log(r)
+    r_log_r = _xlogy_sum(r, log_r)
+    q_log_r = _xlogy_sum(q, log_r)
+  r_log_q = _xlogy_sum(r, log_q)
   return dict(
-      valid_mass=jnp.exp(_lse(log_p, m)), invalid_mass=jnp.exp(_lse(log_p, ~m)),
+      valid_mass=jnp.exp(log_val - log_all), invalid_mass=jnp.exp(jnp.log(s_inv) - log_all),
       valid_entropy=entropy,
       normalized_valid_entropy=jnp.where(n > 1, entropy / jnp.log(n), 1.0),
-      effective_valid=jnp.exp(entropy), inverse_simpson=1.0 / jnp.sum(q * q),
-      kl_target_to_q=_xlogy_sum(r, log_r - log_q), kl_q_to_target=_xlogy_sum(q, log_q - log_r),
+      effective_valid=jnp.exp(entropy), inverse_simpson=s_val * s_val / jnp.sum(e * e * m),
+      kl_target_to_q=r_log_r - r_log_q, kl_q_to_target=-entropy - q_log_r,
       tv_to_target=0.5 * jnp.sum(jnp.abs(q - r)),
-      kl_target_to_p=_xlogy_sum(r, log_r - log_p),
-      neg_log_valid_mass=-_lse(log_p, m))
+      kl_target_to_p=r_log_r - _xlogy_sum(r, x + (log_val - log_s_val) - log_all),
+      neg_log_valid_mass=log_all - log_val)
 
 
 @jax.jit
 def _shape_stats(z, m, w, temperature):
   batch = z.shape[:-1]
   t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), batch)
-  out = map_rows(_row_shape, z, m, w, t, batch_shape=batch)
+  if w is None:
+    out = map_rows(lambda zr, mr, tr: _row_shape(zr, mr, None, tr), z, m, t, batch_shape=batch)
+  else:
+    out = map_rows(_row_shape, z, m, w, t, batch_shape=batch)
   finite = inputs.row_finite(z) & (t > 0)
   has_valid = jnp.any(m, axis=-1)
   defined = finite & has_valid
@@ -105,8 +120,9 @@ def _check_temperature(temperature, name="temperature"):
 
 
 def _target_weights(target, shape):
+  """None (uniform over the valid set) or non-negative weights broadcast to ``shape``."""
   if target is None:
-    return jnp.ones((), jnp.float32)  # uniform over the valid set after masking
+    return None
   w = inputs.as_weights(target, shape)
   if not isinstance(w, jax.core.Tracer) and not bool(jnp.all(w >= 0)):
     raise errors.InputError("target weights must be non-negative.")
@@ -146,8 +162,7 @@ def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike
   z = inputs.as_logits(logits)
   m = inputs.as_mask(valid_mask, z.shape)
   _check_temperature(temperature)
-  w = jnp.broadcast_to(_target_weights(target, z.shape), z.shape)
-  return _shape_stats(z, m, w, temperature)
+  return _shape_stats(z, m, _target_weights(target, z.shape), temperature)
 
 
 @struct.dataclass
@@ -225,5 +240,6 @@ def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLi
   _check_temperature(temperatures, "temperatures")
   if top_m is not None and int(top_m) < 1:
     raise errors.InputError(f"top_m must be >= 1, got {top_m}.")
-  w = jnp.broadcast_to(_target_weights(target, z.shape), z.shape)
+  w = _target_weights(target, z.shape)
+  w = jnp.ones(z.shape, jnp.float32) if w is None else w
   return _group_masses(z, m, w, temps, None if top_m is None else int(top_m))
