@@ -72,8 +72,8 @@ def _slot_stats(r: ValidRanks, vocab: int):
   return real, tp.astype(jnp.float32), k.astype(jnp.float32)
 
 
-def _flags(z, r: ValidRanks, vocab: int):
-  finite = inputs.row_finite(z)
+def _flags(r: ValidRanks, vocab: int):
+  finite = r.finite
   has_valid = r.n_valid > 0
   has_invalid = r.n_valid < vocab
   return finite, has_valid, has_invalid, finite & has_valid & has_invalid & r.capacity_ok
@@ -83,7 +83,7 @@ def _flags(z, r: ValidRanks, vocab: int):
 def _order_stats(z, m, cap, method):
   vocab = z.shape[-1]
   r = valid_ranks(z, m, cap, method)
-  finite, has_valid, has_invalid, defined = _flags(z, r, vocab)
+  finite, has_valid, has_invalid, defined = _flags(r, vocab)
   real, tp, k = _slot_stats(r, vocab)
   n = r.n_valid.astype(jnp.float32)
   n_inv = vocab - n
@@ -138,7 +138,7 @@ def order_stats(logits: ArrayLike, valid_mask: ArrayLike, *, max_valid: int | No
 @functools.partial(jax.jit, static_argnames=("cap", "method"))
 def _recall_at_precision(z, m, tau, cap, method):
   r = valid_ranks(z, m, cap, method)
-  *_, defined = _flags(z, r, z.shape[-1])
+  *_, defined = _flags(r, z.shape[-1])
   real, tp, k = _slot_stats(r, z.shape[-1])
   ok = real & (tp >= jnp.asarray(tau, jnp.float32)[..., None] * k)
   best = jnp.max(jnp.where(ok, tp, 0.0), axis=-1) / r.n_valid

@@ -12,7 +12,7 @@ from which every order metric of SPEC §1 follows (see :mod:`calibjax.order`).
 Two methods compute the same integers:
 
 - ``"threshold"`` (default, sort-free): only the ``n`` valid logits are sorted (``top_k`` on the
-  masked row); every logit is located among them (broadcast comparisons for small ``C``, a
+  masked row, blocked); every logit is located among them (broadcast comparisons for small ``C``, a
   binary search of ``log2 C`` steps otherwise), and one histogram over the ``C`` slots gives
   all counts. Cost ``O(V·min(C, log C))`` per row, no sort of the vocabulary.
 - ``"sort"``: the readable reference — sort the whole row and binary-search each valid logit
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from calibjax import inputs
 from calibjax.rowwise import map_rows
 
 METHODS = ("threshold", "sort")
@@ -41,13 +42,36 @@ class ValidRanks:
   eq_val: jax.Array     # [..., C] int32, valid tokens equal to s_j
   max_invalid: jax.Array  # [...] float32, largest invalid logit (-inf if none)
   capacity_ok: jax.Array  # [...] bool, n_valid fits the C - 1 slots
+  finite: jax.Array     # [...] bool, see inputs.row_finite
+
+
+_BLOCK = 128
+
+
+def _top_valid(z: jax.Array, m: jax.Array, k: int) -> jax.Array:
+  """The k largest entries of ``where(m, z, -inf)``, descending.
+
+  With at most k valid tokens, they lie in at most k blocks of 128 tokens, and those blocks
+  are among the k blocks with the largest masked maximum: ``top_k`` over block maxima, then
+  over the k gathered blocks, is exact and ~6x faster on CPU than ``top_k`` over the row.
+  """
+  x = jnp.where(m, z, -jnp.inf)
+  blocks = -(-x.shape[-1] // _BLOCK)
+  if k >= blocks // 2:
+    return jax.lax.top_k(x, k)[0]
+  x = jnp.pad(x, (0, blocks * _BLOCK - x.shape[-1]), constant_values=-jnp.inf)
+  x = x.reshape(blocks, _BLOCK)
+  chosen = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]
+  return jax.lax.top_k(x[chosen].reshape(-1), k)[0]
 
 
 def _sorted_valid(z: jax.Array, m: jax.Array, cap: int):
-  """Valid logits of one row ascending in ``cap`` slots (``+inf`` padded), and their count."""
+  """Valid logits of one row ascending in ``cap`` slots (``+inf`` padded), and their count.
+
+  Exact while ``n < cap``; larger rows are flagged by ``capacity_ok``."""
   n = jnp.sum(m, dtype=jnp.int32)
   k = min(cap - 1, z.shape[-1])
-  top = jax.lax.top_k(jnp.where(m, z, -jnp.inf), k)[0]  # descending
+  top = _top_valid(z, m, k)  # descending; a valid -inf equals the -inf fill, as it should
   j = jnp.arange(cap)
   s = jnp.where(j < n, jnp.take(top, jnp.clip(n - 1 - j, 0, k - 1)), jnp.inf)
   return s, n
@@ -104,7 +128,7 @@ def _finish(z, m, s, n, gt_all, eq_all, lo, hi):
   return ValidRanks(
       s=s, n_valid=n, gt_all=i32(gt_all), eq_all=i32(eq_all), gt_val=i32(n - hi),
       eq_val=i32(hi - lo), max_invalid=jnp.max(jnp.where(m, -jnp.inf, z)),
-      capacity_ok=n < s.shape[-1])
+      capacity_ok=n < s.shape[-1], finite=inputs.row_finite(z))
 
 
 def valid_ranks(z: jax.Array, m: jax.Array, cap: int, method: str = "threshold") -> ValidRanks:

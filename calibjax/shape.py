@@ -93,7 +93,8 @@ def _row_shape(z, m, w, temperature):
       kl_target_to_q=r_log_r - r_log_q, kl_q_to_target=-entropy - q_log_r,
       tv_to_target=0.5 * jnp.sum(jnp.abs(q - r)),
       kl_target_to_p=r_log_r - _xlogy_sum(r, x + (log_val - log_s_val) - log_all),
-      neg_log_valid_mass=log_all - log_val)
+      neg_log_valid_mass=log_all - log_val,
+      finite=jnp.isfinite(top) & (temperature > 0), has_valid=n > 0)  # = row_finite
 
 
 @jax.jit
@@ -104,8 +105,7 @@ def _shape_stats(z, m, w, temperature):
     out = map_rows(lambda zr, mr, tr: _row_shape(zr, mr, None, tr), z, m, t, batch_shape=batch)
   else:
     out = map_rows(_row_shape, z, m, w, t, batch_shape=batch)
-  finite = inputs.row_finite(z) & (t > 0)
-  has_valid = jnp.any(m, axis=-1)
+  finite, has_valid = out.pop("finite"), out.pop("has_valid")
   defined = finite & has_valid
   masses = ("valid_mass", "invalid_mass")
   out = {k: jnp.where(defined | (finite & (k in masses)), v, jnp.nan) for k, v in out.items()}

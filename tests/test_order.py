@@ -203,3 +203,16 @@ def test_all_tied_counts_halves(n_valid, n_invalid, value):
   assert float(s.auroc) == pytest.approx(0.5)
   assert float(s.clean_head) == 0 and float(s.margin) == 0
   assert float(s.average_precision) == pytest.approx((n_valid + 1) / (z.size + 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab,n_valid", [(1000, 2), (1000, 3), (5000, 20), (300, 2)])
+def test_blocked_selection_of_valid_logits(vocab, n_valid):
+  """Valid tokens crowded into one block, in the ragged last block, and spread out."""
+  rng = np.random.default_rng(11)
+  z, _ = random_case(rng, 3, vocab, ties=False)
+  m = np.zeros_like(z, bool)
+  m[0, 130:130 + n_valid] = True                  # one block
+  m[1, vocab - n_valid:] = True                   # ragged tail block
+  m[2, rng.choice(vocab, n_valid, replace=False)] = True
+  z[2, m[2]] = -np.inf                            # valid tokens with probability 0
+  assert_order_matches(z, m)
