@@ -88,17 +88,26 @@ def _prepare(logits, labels, temperature):
       raise errors.InputError(f"labels must lie in [0, V={z.shape[-1]}); position {pos} has "
                               f"{int(np.asarray(y)[pos])} ({len(bad)} bad positions).")
   _check_temperature(temperature)
-  log_p = jax.nn.log_softmax(z / jnp.asarray(temperature, jnp.float32), axis=-1)
-  return log_p.reshape(-1, z.shape[-1]), y.reshape(-1).astype(jnp.int32)
+  return (z.reshape(-1, z.shape[-1]), y.reshape(-1).astype(jnp.int32),
+          jnp.asarray(temperature, jnp.float32))
+
+
+def _log_softmax_rows(fn, z, *rows_args, temperature):
+  """``fn(log_softmax(z_i / T), *args_i)`` for each row i, one row at a time (no [N, V]
+  temporaries)."""
+  return map_rows(lambda zr, *a: fn(jax.nn.log_softmax(zr / temperature), *a), z, *rows_args,
+                  batch_shape=z.shape[:1])
+
+
+def _top_row(log_p, y):
+  top = jnp.max(log_p)
+  at_top = log_p == top
+  return jnp.exp(top), at_top[y] / jnp.sum(at_top)  # ties at the top share the credit
 
 
 @functools.partial(jax.jit, static_argnames=("n_bins", "binning"))
-def _top_label(log_p, y, n_bins, binning):
-  top = jnp.max(log_p, axis=-1)
-  conf = jnp.exp(top)
-  at_top = log_p == top[:, None]
-  label_top = jnp.take_along_axis(at_top, y[:, None], axis=-1)[:, 0]
-  correct = label_top / jnp.sum(at_top, axis=-1)  # ties at the top share the credit
+def _top_label(z, y, t, n_bins, binning):
+  conf, correct = _log_softmax_rows(_top_row, z, y, temperature=t)
   n = conf.shape[0]
   if binning == "width":
     edges = jnp.linspace(0.0, 1.0, n_bins + 1)
@@ -136,8 +145,7 @@ def top_label_ece(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 15,
     raise errors.InputError(f"binning must be 'width' or 'mass', got {binning!r}.")
   if n_bins < 1:
     raise errors.InputError(f"n_bins must be >= 1, got {n_bins}.")
-  log_p, y = _prepare(logits, labels, temperature)
-  return _top_label(log_p, y, int(n_bins), binning)
+  return _top_label(*_prepare(logits, labels, temperature), int(n_bins), binning)
 
 
 @struct.dataclass
@@ -147,11 +155,12 @@ class ProperScores:
   nll: jax.Array
 
 
-@jax.jit
-def _proper(log_p, y):
-  log_py = jnp.take_along_axis(log_p, y[:, None], axis=-1)[:, 0]
+def _proper_row(log_p, y):
   p = jnp.exp(log_p)
-  return jnp.sum(p * p, axis=-1) - 2 * jnp.exp(log_py) + 1, -log_py
+  return jnp.sum(p * p) - 2 * p[y] + 1, -log_p[y]
+
+
+_proper = jax.jit(lambda z, y, t: _log_softmax_rows(_proper_row, z, y, temperature=t))
 
 
 def proper_scores(logits: ArrayLike, labels: ArrayLike,
@@ -163,9 +172,8 @@ def proper_scores(logits: ArrayLike, labels: ArrayLike,
     >>> float(s.brier), float(s.nll)   # (.5-1)² + .5² = .5 ; log 2
     (0.5, 0.693...)
   """
-  log_p, y = _prepare(logits, labels, temperature)
   shape = jnp.asarray(labels).shape
-  brier, nll = _proper(log_p, y)
+  brier, nll = _proper(*_prepare(logits, labels, temperature))
   return ProperScores(brier=brier.reshape(shape), nll=nll.reshape(shape))
 
 
@@ -177,11 +185,10 @@ def _pair_sums(log_p, outcome, n_bins, p_min):
 
 
 @functools.partial(jax.jit, static_argnames=("n_bins", "p_min"))
-def _full(log_p, y, n_bins, p_min):
-  vocab = log_p.shape[-1]
-  sums = map_rows(
-      lambda lp, yy: _pair_sums(lp, (jnp.arange(vocab) == yy).astype(jnp.float32), n_bins,
-                                p_min), log_p, y, batch_shape=log_p.shape[:1]).sum(0)
+def _full(z, y, t, n_bins, p_min):
+  hit = lambda yy: (jnp.arange(z.shape[-1]) == yy).astype(jnp.float32)
+  sums = _log_softmax_rows(lambda lp, yy: _pair_sums(lp, hit(yy), n_bins, p_min), z, y,
+                           temperature=t).sum(0)
   return _reliability(_log_edges(n_bins, p_min), sums[:, 0], sums[:, 1], sums[:, 2])
 
 
@@ -203,8 +210,7 @@ def full_ece(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 17, p_min: f
     0.0
   """
   _check_bins(n_bins, p_min)
-  log_p, y = _prepare(logits, labels, temperature)
-  return _full(log_p, y, int(n_bins), float(p_min))
+  return _full(*_prepare(logits, labels, temperature), int(n_bins), float(p_min))
 
 
 @struct.dataclass
@@ -220,13 +226,13 @@ class DistributionalCalibration:
 
 
 @functools.partial(jax.jit, static_argnames=("n_bins", "p_min"))
-def _distributional(log_p, w, n_bins, p_min):
+def _distributional(z, w, t, n_bins, p_min):
   def row(lp, wr):
     r = wr / jnp.sum(wr)
     log_r = jnp.log(r)
     kl = jnp.sum(jnp.where(r > 0, r * (log_r - lp), 0.0))
     return _pair_sums(lp, r, n_bins, p_min), 0.5 * jnp.sum(jnp.abs(jnp.exp(lp) - r)), kl
-  sums, tv, kl = map_rows(row, log_p, w, batch_shape=log_p.shape[:1])
+  sums, tv, kl = _log_softmax_rows(row, z, w, temperature=t)
   sums = sums.sum(0)
   rel = _reliability(_log_edges(n_bins, p_min), sums[:, 0], sums[:, 1], sums[:, 2])
   return DistributionalCalibration(reliability=rel, tv=tv, kl_target_to_p=kl)
@@ -259,9 +265,8 @@ def distributional_calibration(logits: ArrayLike, target: ArrayLike, *, n_bins: 
       raise errors.InputError(f"target rows must be non-negative with positive sum; row "
                               f"{tuple(int(i) for i in bad[0])} is not.")
   _check_temperature(temperature)
-  log_p = jax.nn.log_softmax(z / jnp.asarray(temperature, jnp.float32), axis=-1)
   vocab = z.shape[-1]
-  out = _distributional(log_p.reshape(-1, vocab), w.reshape(-1, vocab), int(n_bins),
-                        float(p_min))
+  out = _distributional(z.reshape(-1, vocab), w.reshape(-1, vocab),
+                        jnp.asarray(temperature, jnp.float32), int(n_bins), float(p_min))
   lead = z.shape[:-1]
   return out.replace(tv=out.tv.reshape(lead), kl_target_to_p=out.kl_target_to_p.reshape(lead))

@@ -73,7 +73,9 @@ def check_logits(logits: ArrayLike, name: str = "logits") -> None:
   jitted core, which would otherwise return NaN results with ``finite = False``.
 
   Example:
-    >>> check_logits(np.array([[0.0, np.nan]]))  # raises: row (0,) token 1 is nan
+    >>> check_logits(np.array([[0.0, np.nan]]))
+    Traceback (most recent call last):
+    calibjax.errors.NonFiniteLogitsError: logits of shape (1, 2) has 1 bad rows: row (0,): token 1 is nan. ...
   """
   z = np.asarray(jax.device_get(logits), dtype=np.float32)
   if z.ndim < 1 or z.shape[-1] < 1:

@@ -230,7 +230,7 @@ def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLi
     >>> g = group_masses(jnp.log(jnp.array([0.6, 0.2, 0.2])), jnp.array([True, True, False]),
     ...                  jnp.array([1.0, 100.0]))
     >>> g.over.tolist()     # token 0 is over-represented (q = .75 > r = .5)
-    [0.6, 0.335...]
+    [0.600000..., 0.335...]
   """
   z = inputs.as_logits(logits)
   m = inputs.as_mask(valid_mask, z.shape)

@@ -128,3 +128,12 @@ def test_permutation_and_shift_invariance(z, data):
     for f in ref.SHAPE_FIELDS:
       np.testing.assert_allclose(np.asarray(getattr(other, f)), np.asarray(getattr(base, f)),
                                  rtol=1e-4, atol=1e-5, err_msg=f)
+
+
+def test_group_masses_no_retrace_for_new_temperatures():
+  z, m = random_case(np.random.default_rng(5), 2, 19, n_valid=5)
+  f = jax.jit(chex.assert_max_traces(lambda z, m, t: cj.group_masses(z, m, t).over, n=1))
+  for temps in ([0.5, 1.0], [2.0, 9.0], [0.1, 0.2]):
+    t = jnp.asarray(temps, jnp.float32)
+    np.testing.assert_allclose(np.asarray(f(z, m, t)), ref.group_masses(z, m, temps)["over"],
+                               rtol=1e-5, atol=1e-7)
