@@ -7,3 +7,4 @@ from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
 from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
                                   distributional_calibration, full_ece, proper_scores,
                                   top_label_ece)
+from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain

@@ -205,3 +205,94 @@ def distributional_calibration(logits, target, n_bins=17, p_min=1e-8):
   with np.errstate(divide="ignore"):
     kl = np.sum(np.where(r > 0, r * (np.log(np.where(r > 0, r, 1)) - np.log(p)), 0), -1)
   return dict(out, tv=0.5 * np.abs(p - r).sum(-1), kl_target_to_p=kl)
+
+
+def _scaled(z, temperature):
+  """``z / T`` divided in float32 as the samplers do (SPEC §4 order), then float64."""
+  return (np.asarray(z, np.float32) / np.float32(temperature)).astype(np.float64)
+
+
+def _truncate_row(a, m, rule, param):
+  """Keep mask of one rule on float64 scaled logits ``a`` (sort-based, straight from SPEC)."""
+  alive = a > -np.inf
+  if not alive.any():
+    return np.ones_like(alive)
+  p = np.exp(a - _logsumexp(a))
+  top = a == a.max()
+  entropy = -_xlogy(p, np.log(np.where(p > 0, p, 1.0)))
+  if rule == "top_k":
+    srt = np.sort(a[alive])[::-1]
+    keep = a >= srt[min(int(param), srt.size) - 1]
+  elif rule == "top_p":
+    order = np.argsort(-a[alive], kind="stable")
+    cum = np.cumsum(p[alive][order])
+    i = min(int(np.sum(cum < param)), order.size - 1)
+    keep = a >= a[alive][order][i] if param < 1 else alive  # P = 1: every p > 0
+  elif rule == "min_p":
+    keep = p >= param * p.max()
+  elif rule == "epsilon":
+    keep = p >= param
+  elif rule == "eta":
+    keep = p >= min(param, np.sqrt(param) * np.exp(-entropy))
+  elif rule == "top_n_sigma":
+    keep = a >= a.max() - param * np.std(a[alive])
+  elif rule == "typical":
+    with np.errstate(divide="ignore"):
+      score = np.where(alive, np.abs(-np.log(p) - entropy), np.inf)
+    order = np.argsort(score[alive], kind="stable")
+    cum = np.cumsum(p[alive][order])
+    i = min(int(np.sum(cum < param)), order.size - 1)
+    delta = score[alive][order][i] if param < 1 else np.inf
+    keep = score <= delta
+    keep |= score == score.min()
+  elif rule == "oracle_set":
+    keep = m.copy() if (m & alive).any() else top
+  else:
+    raise ValueError(rule)
+  if rule not in ("typical", "oracle_set"):
+    keep = keep | top
+  return keep & alive
+
+
+def truncation_stats(keep, z, m, temperature=1.0):
+  """Statistics of kept sets ``keep [..., V]`` (float64), as :class:`Truncation` fields."""
+  def row(k, zr, mr):
+    a = _scaled(zr, temperature)
+    p = np.exp(a - _logsumexp(a))
+    kv = k & mr
+    vm = p[kv].sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+      h = np.log(vm) - np.sum(np.where(p[kv] > 0, p[kv] * np.log(p[kv]), 0)) / vm
+    return dict(kept_count=float(k.sum()), kept_mass=p[k].sum(), kept_valid=float(kv.sum()),
+                kept_invalid=float((k & ~mr).sum()), precision=kv.sum() / k.sum(),
+                recall=kv.sum() / mr.sum() if mr.sum() else np.nan,
+                validity=vm / p[k].sum(), kept_valid_entropy=h)
+  return _rows(row, np.asarray(keep), np.asarray(z), np.asarray(m))
+
+
+def truncate(logits, rule, param, temperature=1.0, valid_mask=None):
+  """Keep masks ``[..., V]`` of one rule (float64 reference); param scalar or per-row."""
+  z = np.asarray(logits)
+  m = np.zeros(z.shape, bool) if valid_mask is None else np.asarray(valid_mask)
+  prm = np.broadcast_to(np.asarray(0.0 if param is None else param, np.float64)[..., None],
+                        z.shape)
+  row = lambda zr, mr, pr: {"keep": _truncate_row(_scaled(zr, temperature), mr, rule, pr[0])}
+  return _rows(row, z, np.broadcast_to(m, z.shape), prm)["keep"]
+
+
+_CHAIN_ORDER = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma",
+                "oracle_set")
+
+
+def truncate_chain(logits, rules, temperature=1.0, valid_mask=None):
+  """Keep masks of a chain, rules applied in the fixed order on renormalised survivors."""
+  z = np.asarray(logits)
+  m = np.zeros(z.shape, bool) if valid_mask is None else np.asarray(valid_mask)
+  rules = sorted(rules, key=lambda rv: _CHAIN_ORDER.index(rv[0]))
+
+  def row(zr, mr):
+    a = _scaled(zr, temperature)
+    for rule, param in rules:
+      a = np.where(_truncate_row(a, mr, rule, param), a, -np.inf)
+    return {"keep": a > -np.inf if np.any(zr > -np.inf) else np.ones(a.shape, bool)}
+  return _rows(row, z, np.broadcast_to(m, z.shape))["keep"]

@@ -1,0 +1,100 @@
+"""Sort-free exact threshold selection over a row, for one value or a whole sweep at once.
+
+Float32 values are mapped to uint32 *keys* that sort like the floats (NaN excluded), so
+"the largest threshold with enough weight above it" is a search over 2^32 integers whose
+answer is always one of the row's own values — exact, never an interpolated probability.
+
+:func:`select` runs that search as a three-pass radix selection (12, 10, 10 bits): each pass
+is one weighted histogram (``bincount``) of the next digit of every key, restricted to the
+prefixes chosen so far, so ``S`` targets (a parameter sweep) cost three passes, not ``S``.
+A target's answer depends only on its own histogram cells, so a sweep returns exactly the
+per-value results.
+
+:func:`threshold_stats` counts and sums per-token quantities above ``S`` thresholds with one
+histogram per quantity.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_WIDTHS = (12, 10, 10)
+_SIGN = jnp.uint32(0x80000000)
+
+
+def float_key(x: jax.Array) -> jax.Array:
+  """Monotone uint32 key of float32 ``x``: ``x < y  ⟺  key(x) < key(y)`` (NaN excluded)."""
+  b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  return jnp.where(b >= _SIGN, ~b, b | _SIGN)
+
+
+def key_float(k: jax.Array) -> jax.Array:
+  """Inverse of :func:`float_key`."""
+  b = jnp.where(k >= _SIGN, k ^ _SIGN, ~k)
+  return jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _slots(prefixes: jax.Array, high: jax.Array):
+  """Index of each token's high bits among the sorted target prefixes, and membership."""
+  up = jnp.sort(prefixes)
+  slot = sum((up[j] < high).astype(jnp.int32) for j in range(up.shape[0]))
+  member = jnp.take(up, jnp.minimum(slot, up.shape[0] - 1)) == high
+  return up, slot, member
+
+
+def select(keys: jax.Array, weights: jax.Array, targets: jax.Array) -> jax.Array:
+  """For each target t: the largest key K with ``Σ_{keys ≥ K} weights ≥ t``.
+
+  Args:
+    keys: uint32 ``[V]`` (one row); weights: float32 ``[V]`` ≥ 0; targets: float32 ``[S]``.
+
+  Returns:
+    uint32 ``[S]``. Always a key present in ``keys`` when the target is reachable; when the
+    total weight is below t, a key at or below every key (the caller clamps it).
+  """
+  n_targets = targets.shape[0]
+  prefix = jnp.zeros(n_targets, jnp.uint32)
+  above = jnp.zeros(n_targets, jnp.float32)
+  shift = 32
+  for i, width in enumerate(_WIDTHS):
+    shift -= width
+    size = 1 << width
+    digit = ((keys >> shift) & (size - 1)).astype(jnp.int32)
+    if i == 0:
+      slots, cell, row_of = 1, digit, jnp.zeros(n_targets, jnp.int32)
+    else:
+      up, slot, member = _slots(prefix, keys >> (shift + width))
+      slots = n_targets
+      cell = jnp.where(member, slot * size + digit, slots * size)
+      row_of = jnp.searchsorted(up, prefix, side="left").astype(jnp.int32)
+    hist = jnp.bincount(cell, weights=weights, length=slots * size + 1)[:-1]
+    rows = hist.reshape(slots, size)[row_of]                    # [S, size]
+    at_or_above = jnp.cumsum(rows[:, ::-1], axis=-1)[:, ::-1]   # weight of digits >= d
+    ok = above[:, None] + at_or_above >= targets[:, None]       # True for d <= d*
+    d = jnp.maximum(jnp.sum(ok, axis=-1) - 1, 0)
+    nxt = jnp.concatenate([at_or_above[:, 1:], jnp.zeros((n_targets, 1))], axis=-1)
+    above = above + jnp.take_along_axis(nxt, d[:, None], axis=-1)[:, 0]
+    prefix = (prefix << width) | d.astype(jnp.uint32)
+  return prefix
+
+
+def threshold_stats(x: jax.Array, alive: jax.Array, thresholds: jax.Array,
+                    columns: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+  """Sums of each column over ``{u : alive_u and x_u ≥ θ_s}`` for every threshold ``θ_s``.
+
+  One pass: each token's number of passed thresholds (sorted), then one histogram per
+  column over ``S + 1`` cells and suffix sums. Returns one ``[S]`` array per column.
+  """
+  n = thresholds.shape[0]
+  order = jnp.argsort(thresholds)
+  th = thresholds[order]
+  passed = sum((th[j] <= x).astype(jnp.int32) for j in range(n))
+  passed = jnp.where(alive, passed, 0)
+  rank = jnp.argsort(order)  # position of each original threshold in sorted order
+  out = []
+  for col in columns:
+    hist = jnp.bincount(passed, weights=col, length=n + 1)
+    suffix = jnp.cumsum(hist[::-1])[::-1]  # suffix[i] = Σ_{passed >= i}
+    out.append(suffix[1:][rank])          # sorted threshold i is passed by `passed >= i+1`
+  return tuple(out)

@@ -1,0 +1,392 @@
+"""Truncation samplers (SPEC §4): which tokens a rule keeps, exactly, without sorting.
+
+Order of operations: ``z → a = z / T → rule → renormalise → sample``. Every rule is a cut
+``x_v ≥ θ`` on a per-token score ``x`` (tie-inclusive), and ``-inf`` logits are never kept
+(unless the whole row is ``-inf``: then everything is kept and ``finite`` is False):
+
+====================  ===================  =============================================
+rule                  score ``x``          cut ``θ``
+====================  ===================  =============================================
+``top_k`` (k ≥ 1)     ``a``                the k-th largest ``a`` (radix selection)
+``top_p`` (P ∈ (0,1]) ``a``                largest ``a`` value with ``p(a ≥ θ) ≥ P``
+``min_p`` (α ∈ [0,1]) ``log p``            ``log α + log max p``
+``epsilon`` (ε)       ``log p``            ``min(log ε, log max p)``
+``eta`` (ε)           ``log p``            ``min(log ε, ½ log ε − H(p), log max p)``
+``typical`` (τ)       ``−|−log p − H(p)|`` shortest most-typical prefix with mass ≥ τ
+``top_n_sigma`` (n)   ``a``                ``max a − n·σ(a)``, σ over finite logits
+``oracle_set``        valid mask           keep exactly the valid set
+====================  ===================  =============================================
+
+The cut is clamped so that the most probable token (the most typical one for ``typical``; ties
+included) is always kept. ``top_k``, ``top_p`` and ``typical`` find their cut with
+:func:`calibjax.selection.select`, whose answer is always one of the row's own values, so a
+sweep of many parameter values costs three histogram passes, not one search per value.
+Chains apply rules in the fixed order of :data:`RULES` (the ``generate()`` order), each on
+the previous rule's survivors renormalised. Per-rule tie behaviour and the ``threshold``
+reported are listed in ``docs/semantics.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.typing import ArrayLike
+
+from calibjax import errors, inputs, selection
+from calibjax.rowwise import map_rows
+
+RULES = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma")
+ORACLE_SET = "oracle_set"
+_RANGES = {  # (low, high, low inclusive, high inclusive)
+    "top_k": (1, math.inf, True, False), "top_p": (0, 1, False, True),
+    "min_p": (0, 1, True, True), "typical": (0, 1, False, True),
+    "epsilon": (0, 1, True, False), "eta": (0, 1, True, False),
+    "top_n_sigma": (0, math.inf, True, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  """Parameter values evaluated in one call; results gain a leading ``[S]`` axis."""
+  values: tuple[float, ...]
+
+
+def sweep(values: Iterable[float]) -> Sweep:
+  """Marks ``values`` as a sweep for :func:`truncate` (e.g. ``sweep(np.linspace(.5, 1, 32))``)."""
+  vals = tuple(float(v) for v in np.asarray(list(values), np.float64).ravel())
+  if not vals:
+    raise errors.InputError("a sweep needs at least one value.")
+  return Sweep(vals)
+
+
+def check_param(rule: str, value) -> None:
+  """Raises :class:`InputError` if a concrete ``value`` is outside the rule's range."""
+  if rule == ORACLE_SET:
+    return
+  if rule not in _RANGES:
+    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + (ORACLE_SET,)}.")
+  if isinstance(value, jax.core.Tracer) or value is None:
+    if value is None:
+      raise errors.InputError(f"rule {rule!r} needs a parameter.")
+    return
+  v = np.asarray(value, np.float64)
+  lo, hi, lo_in, hi_in = _RANGES[rule]
+  ok = (v >= lo if lo_in else v > lo) & (v <= hi if hi_in else v < hi) & ~np.isnan(v)
+  if rule == "top_k":
+    ok &= v == np.round(v)
+  if not np.all(ok):
+    bad = v[~ok].ravel()[:4].tolist()
+    span = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+    kind = "integers in " if rule == "top_k" else ""
+    raise errors.InputError(f"{rule} parameters must be {kind}{span}; got {bad}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """A sampler: temperature and a chain of truncation rules — the one spec type of calibjax.
+
+  ``rules`` are ``(name, parameter)`` pairs, stored in the fixed application order of
+  :data:`RULES` (``oracle_set`` last); a rule appears at most once.
+  Text form (``Sampler.parse`` / ``str``): comma-separated ``name=value`` items and ``t=T``,
+  e.g. ``"top_p=0.9,t=1.5"``, ``"min_p=0.1"``, ``"oracle_set,t=2"``.
+  """
+  rules: tuple[tuple[str, float | None], ...] = ()
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    seen = [r for r, _ in self.rules]
+    if len(set(seen)) != len(seen):
+      raise errors.InputError(f"a rule may appear once in a chain, got {seen}.")
+    for rule, value in self.rules:
+      check_param(rule, value)
+      if rule != ORACLE_SET and not np.ndim(value) == 0:
+        raise errors.InputError(f"chain parameters are scalars; {rule} got {value!r} "
+                                "(use truncate() with sweep() for sweeps).")
+    if not (np.isfinite(self.temperature) and self.temperature > 0):
+      raise errors.InputError(f"temperature must be finite and > 0, got {self.temperature}.")
+    order = RULES + (ORACLE_SET,)
+    canon = tuple(sorted(((r, None if r == ORACLE_SET else float(v)) for r, v in self.rules),
+                         key=lambda rv: order.index(rv[0])))
+    object.__setattr__(self, "rules", canon)
+
+  @classmethod
+  def parse(cls, text: str) -> "Sampler":
+    """Parses ``"top_p=0.9,t=1.5"``-style text; errors name the offending item."""
+    rules, temperature = [], 1.0
+    for item in filter(None, (s.strip() for s in text.split(","))):
+      m = re.fullmatch(r"([a-z_]+)(?:=(.+))?", item)
+      if not m:
+        raise errors.InputError(f"sampler {text!r}: cannot read item {item!r}.")
+      name, value = m.groups()
+      if name in ("t", "temperature"):
+        if value is None:
+          raise errors.InputError(f"sampler {text!r}: {item!r} needs a value, e.g. t=1.5.")
+        temperature = _number(text, item, value)
+      elif name == ORACLE_SET:
+        if value is not None:
+          raise errors.InputError(f"sampler {text!r}: oracle_set takes no value.")
+        rules.append((name, None))
+      elif name in RULES:
+        if value is None:
+          raise errors.InputError(f"sampler {text!r}: {name} needs a value, e.g. {name}=0.9.")
+        rules.append((name, _number(text, item, value)))
+      else:
+        raise errors.InputError(f"sampler {text!r}: unknown item {name!r}; known: "
+                                f"{', '.join(RULES + (ORACLE_SET, 't'))}.")
+    return cls(tuple(rules), temperature)
+
+  def __str__(self) -> str:
+    items = [r if v is None else f"{r}={v:g}" for r, v in self.rules]
+    return ",".join(items + [f"t={self.temperature:g}"])
+
+
+def _number(text, item, value):
+  try:
+    return float(value)
+  except ValueError:
+    raise errors.InputError(f"sampler {text!r}: {item!r} is not a number.") from None
+
+
+@struct.dataclass
+class Truncation:
+  """What a rule keeps, per row (``[...]``; sweeps add a leading ``[S]``).
+
+  Fields:
+    keep: bool ``[..., V]`` (None when ``return_keep=False``).
+    threshold: the rule's cut — a probability for every rule but ``typical`` (its cut on
+      ``|−log p − H|``) and ``oracle_set`` (NaN); see ``docs/semantics.md``.
+    kept_count: tokens kept (float32, exact); kept_mass: their mass under ``softmax(z / T)``.
+    kept_valid / kept_invalid: valid / invalid tokens kept; precision = kept_valid /
+      kept_count; recall = kept_valid / n_valid; validity = p(kept ∩ valid) / p(kept);
+      kept_valid_entropy: entropy of the kept valid tokens' renormalised distribution.
+      (None without ``valid_mask``.)
+    finite: the row has no NaN/+inf and some logit > -inf.
+  """
+  keep: jax.Array | None
+  threshold: jax.Array
+  kept_count: jax.Array
+  kept_mass: jax.Array
+  kept_valid: jax.Array | None
+  kept_invalid: jax.Array | None
+  precision: jax.Array | None
+  recall: jax.Array | None
+  validity: jax.Array | None
+  kept_valid_entropy: jax.Array | None
+  finite: jax.Array
+
+
+def _softmax_parts(a):
+  """Row max, log Σ exp(a − max) and p; p = e / Σe keeps 1/ulp accuracy when |a| is large
+  (small T), where exp(a − lse) would carry the rounding of lse."""
+  top = jnp.max(a)
+  e = jnp.exp(a - top)
+  total = jnp.sum(e)
+  return top, jnp.log(total), e / total
+
+
+def _select_value(x, weights, targets, alive):
+  """Largest value of ``x`` with weight at or above it ≥ target, clamped to the alive
+  tokens' range (an unreachable target keeps every alive token; the top is always kept)."""
+  key = selection.select(selection.float_key(x), weights, targets)
+  lowest = selection.float_key(jnp.min(jnp.where(alive, x, jnp.inf)))
+  highest = selection.float_key(jnp.max(jnp.where(alive, x, -jnp.inf)))
+  return selection.key_float(jnp.clip(key, lowest, highest))
+
+
+def _cut(rule, a, m, params):
+  """Score ``x [V]``, cuts ``θ [S]`` and reported thresholds ``[S]`` of ``rule`` on ``a``."""
+  top, log_total, p = _softmax_parts(a)
+  alive = a > -jnp.inf
+  as_prob = lambda theta: jnp.exp(theta - top - log_total)
+  if rule == "top_k":
+    theta = _select_value(a, alive.astype(jnp.float32), params, alive)
+    return a, theta, as_prob(theta)
+  # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do.
+  whole = lambda mass: jnp.where(mass >= 1.0, jnp.inf, mass)
+  if rule == "top_p":
+    theta = _select_value(a, p, whole(params), alive)
+    return a, theta, as_prob(theta)
+  if rule == "top_n_sigma":
+    n_alive = jnp.sum(alive)
+    mean = jnp.sum(jnp.where(alive, a, 0.0)) / n_alive
+    sigma = jnp.sqrt(jnp.sum(jnp.where(alive, (a - mean) ** 2, 0.0)) / n_alive)
+    theta = jnp.minimum(top - params * sigma, top)
+    return a, theta, as_prob(theta)
+  if rule == "typical":
+    log_p = a - top - log_total
+    entropy = -jnp.sum(jnp.where(alive, p * log_p, 0.0))
+    x = jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf)
+    theta = _select_value(x, p, whole(params), alive)
+    return x, theta, -theta
+  if rule == "oracle_set":
+    x = m.astype(jnp.float32) + 0.5 * (a == top)  # valid: >= 1; top tokens: 0.5 or 1.5
+    theta = jnp.where(jnp.any(m & alive), 1.0, 0.5) * jnp.ones_like(params)
+    return x, theta, jnp.full_like(params, jnp.nan)
+  # Probability cuts are compared in log space (log p = a − max − log Σe): exact where
+  # float32 probabilities would round distinct tokens onto the cut (e.g. min_p = 1).
+  if rule == "min_p":
+    x, log_theta = a - top, jnp.log(params)
+  elif rule == "epsilon":
+    x, log_theta = a - top - log_total, jnp.log(params)
+  elif rule == "eta":
+    x = a - top - log_total
+    entropy = -jnp.sum(jnp.where(alive, p * x, 0.0))
+    log_theta = jnp.minimum(jnp.log(params), 0.5 * jnp.log(params) - entropy)
+  else:
+    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + (ORACLE_SET,)}.")
+  theta = jnp.minimum(log_theta, jnp.max(x))
+  return x, theta, jnp.exp(theta if rule != "min_p" else theta - log_total)
+
+
+def _stats(x, theta, alive, p, m, keep):
+  """Fields of :class:`Truncation` for cuts ``θ [S]`` on score ``x`` of one row."""
+  cols = [jnp.ones_like(p), p]
+  if m is not None:
+    pv = jnp.where(m, p, 0.0)
+    cols += [m.astype(jnp.float32), pv, jnp.where(pv > 0, pv * jnp.log(pv), 0.0)]
+  sums = selection.threshold_stats(x, alive, theta, tuple(cols))
+  out = dict(kept_count=sums[0], kept_mass=sums[1])
+  if keep:
+    out["keep"] = (x[None, :] >= theta[:, None]) & alive
+  if m is not None:
+    count, _, n_kept_valid, vmass, vplogp = sums
+    out.update(kept_valid=n_kept_valid, kept_invalid=count - n_kept_valid,
+               precision=n_kept_valid / count, recall=n_kept_valid / jnp.sum(m),
+               validity=vmass / sums[1], kept_valid_entropy=jnp.log(vmass) - vplogp / vmass)
+  return out
+
+
+def _finish_row(a, out, n):
+  """All -inf rows keep everything; flags."""
+  alive_any = jnp.any(a > -jnp.inf)
+  finite = jnp.isfinite(jnp.max(a))
+  if "keep" in out:
+    out["keep"] = out["keep"] | ~alive_any
+  bad = lambda v: jnp.where(finite, v, jnp.nan)
+  out = {k: (v if k == "keep" else bad(v)) for k, v in out.items()}
+  out["finite"] = jnp.broadcast_to(finite, (n,))
+  return out
+
+
+def _row_truncate(z, m, t, params, rule, keep):
+  a = z / t
+  x, theta, reported = _cut(rule, a, m, params)
+  _, _, p = _softmax_parts(a)
+  out = _stats(x, theta, a > -jnp.inf, p, m, keep)
+  out["threshold"] = reported
+  return _finish_row(a, out, params.shape[0])
+
+
+def _row_chain(z, m, t, params, rules, keep):
+  a0 = z / t
+  a = a0
+  for (rule, _), param in zip(rules, params):
+    x, theta, _ = _cut(rule, a, m, param[None])
+    a = jnp.where((x >= theta[0]) & (a > -jnp.inf), a, -jnp.inf)
+  _, _, p = _softmax_parts(a0)
+  alive0 = a0 > -jnp.inf
+  kept = (a > -jnp.inf).astype(jnp.float32)
+  out = _stats(kept, jnp.ones(1), alive0, p, m, keep)
+  out["threshold"] = jnp.full((1,), jnp.nan)
+  return _finish_row(a0, out, 1)
+
+
+@functools.partial(jax.jit, static_argnames=("row_fn", "spec", "keep", "squeeze"))
+def _run(z, m, t, params, row_fn, spec, keep, squeeze):
+  batch = z.shape[:-1]
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), batch)
+  args = (z, t, params) if m is None else (z, m, t, params)
+  fn = (lambda zr, tr, pr: row_fn(zr, None, tr, pr, spec, keep)) if m is None else (
+      lambda zr, mr, tr, pr: row_fn(zr, mr, tr, pr, spec, keep))
+  out = map_rows(fn, *args, batch_shape=batch)
+  lead = len(batch)
+  move = (lambda v: v[..., 0] if v.ndim == lead + 1 else v[..., 0, :]) if squeeze else (
+      lambda v: jnp.moveaxis(v, lead, 0))
+  out = {k: move(v) for k, v in out.items()}
+  fields = {f.name: out.get(f.name) for f in dataclasses.fields(Truncation)}
+  return Truncation(**fields)
+
+
+def _normalise(logits, valid_mask, temperature, need_mask):
+  z = inputs.as_logits(logits)
+  m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
+  if need_mask and m is None:
+    raise errors.InputError("rule 'oracle_set' needs valid_mask.")
+  if not isinstance(temperature, jax.core.Tracer):
+    t = np.asarray(temperature, np.float64)
+    if not np.all(np.isfinite(t) & (t > 0)):
+      raise errors.InputError(f"temperature must be finite and > 0, got {t.ravel()[:4]}.")
+  return z, m
+
+
+def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = None, *,
+             temperature: ArrayLike = 1.0, valid_mask: ArrayLike | None = None,
+             return_keep: bool = True) -> Truncation:
+  """Applies one truncation rule to every row of ``logits [..., V]``.
+
+  Args:
+    logits: ``[..., V]`` (upcast to float32; ``-inf`` legal, never kept).
+    rule: one of :data:`RULES` or ``"oracle_set"`` (needs ``valid_mask``; no parameter).
+    params: a scalar, a per-row array ``[...]``, or :func:`sweep` values (adds a leading
+      ``[S]`` axis to every field). New values do not recompile.
+    temperature: scalar or ``[...]``, > 0, applied first.
+    valid_mask: optional bool ``[..., V]``; adds the validity fields.
+    return_keep: False drops the ``[.., V]`` masks (e.g. for large sweeps).
+
+  Returns:
+    :class:`Truncation`. Rows with NaN/+inf logits: NaN statistics, ``finite = False``.
+
+  Raises:
+    InputError: unknown rule, parameter out of range (concrete values), bad temperature.
+
+  Example:
+    >>> r = truncate(jnp.log(jnp.array([.5, .3, .15, .05])), "top_p", 0.8)
+    >>> r.keep.tolist(), float(r.kept_mass)
+    ([True, True, False, False], 0.8...)
+  """
+  check_param(rule, params.values if isinstance(params, Sweep) else params)
+  z, m = _normalise(logits, valid_mask, temperature, rule == ORACLE_SET)
+  batch = z.shape[:-1]
+  if isinstance(params, Sweep):
+    values = jnp.broadcast_to(jnp.asarray(params.values, jnp.float32), batch + (len(params.values),))
+  else:
+    p = jnp.zeros(()) if params is None else jnp.asarray(params, jnp.float32)
+    try:
+      ok = jnp.broadcast_shapes(p.shape, batch) == batch
+    except ValueError:
+      ok = False
+    if not ok:
+      raise errors.ShapeMismatchError(
+          f"per-row params of shape {p.shape} do not match the rows of logits {z.shape}.")
+    values = jnp.broadcast_to(p, batch)[..., None]
+  return _run(z, m, temperature, values, _row_truncate, rule, bool(return_keep),
+              not isinstance(params, Sweep))
+
+
+def truncate_chain(logits: ArrayLike, sampler: Sampler | Sequence[tuple[str, float]], *,
+                   temperature: ArrayLike | None = None, valid_mask: ArrayLike | None = None,
+                   return_keep: bool = True) -> Truncation:
+  """Applies a chain of rules (a :class:`Sampler` or ``[(rule, param), ...]``).
+
+  Rules run in the fixed order of :data:`RULES`, each on the survivors of the previous one,
+  renormalised. ``temperature`` overrides the sampler's. Statistics (``kept_mass``,
+  ``validity``, …) refer to the final kept set under ``softmax(z / T)``; ``threshold`` is NaN.
+
+  Example:
+    >>> r = truncate_chain(jnp.log(jnp.array([.5, .3, .15, .05])), [("top_p", .95), ("top_k", 2)])
+    >>> r.keep.tolist()
+    [True, True, False, False]
+  """
+  s = sampler if isinstance(sampler, Sampler) else Sampler(tuple(sampler))
+  t = s.temperature if temperature is None else temperature
+  z, m = _normalise(logits, valid_mask, t, any(r == ORACLE_SET for r, _ in s.rules))
+  params = jnp.asarray([0.0 if v is None else v for _, v in s.rules], jnp.float32)
+  params = jnp.broadcast_to(params, z.shape[:-1] + params.shape)
+  return _run(z, m, t, params, _row_chain, tuple(s.rules), bool(return_keep), True)
