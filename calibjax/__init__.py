@@ -8,3 +8,4 @@ from calibjax.calibration import (DistributionalCalibration, ProperScores, Relia
                                   distributional_calibration, full_ece, proper_scores,
                                   top_label_ece)
 from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
+from calibjax.oracle import OracleCutoff, OracleGap, oracle_cutoff, oracle_gap

@@ -296,3 +296,33 @@ def truncate_chain(logits, rules, temperature=1.0, valid_mask=None):
       a = np.where(_truncate_row(a, mr, rule, param), a, -np.inf)
     return {"keep": a > -np.inf if np.any(zr > -np.inf) else np.ones(a.shape, bool)}
   return _rows(row, z, np.broadcast_to(m, z.shape))["keep"]
+
+
+def oracle_cutoff(logits, valid_mask, objective="validity", tau=0.95, temperature=1.0):
+  """Brute force over every tie-closed cutoff {z >= t} (t any distinct logit), float64."""
+  def row(zr, mr):
+    a = _scaled(zr, temperature)
+    p = np.exp(a - _logsumexp(a))
+    n = mr.sum()
+    best, best_key = None, None
+    for t in np.unique(a):  # ascending: later = smaller cutoff, preferred on ties
+      k = a >= t
+      tp = (k & mr).sum()
+      if tp == 0:
+        continue
+      st = dict(r_star=float(k.sum()), recall=tp / n, precision=tp / k.sum(),
+                validity=p[k & mr].sum() / p[k].sum(), f1=2 * tp / (k.sum() + n),
+                p_star=p[k].sum(), epsilon_star=p[a == t][0], min_p_star=p[a == t][0] / p.max())
+      if objective == "f1":
+        key, ok = st["f1"], True
+      else:
+        ok = st[objective] >= tau
+        key = st["recall"]
+      if ok and (best_key is None or key >= best_key):
+        best, best_key = st, key
+    if best is None:
+      return {"feasible": False}
+    return {**best, "feasible": True}
+  z, m = np.asarray(logits), np.asarray(valid_mask)
+  flat_z, flat_m = z.reshape(-1, z.shape[-1]), m.reshape(-1, z.shape[-1])
+  return [row(zr, mr) for zr, mr in zip(flat_z, flat_m)]

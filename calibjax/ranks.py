@@ -43,6 +43,11 @@ class ValidRanks:
   max_invalid: jax.Array  # [...] float32, largest invalid logit (-inf if none)
   capacity_ok: jax.Array  # [...] bool, n_valid fits the C - 1 slots
   finite: jax.Array     # [...] bool, see inputs.row_finite
+  # With a temperature (else None), masses under p = softmax(z / T):
+  gt_mass: jax.Array | None = None   # [..., C] mass of tokens strictly above s_j
+  eq_mass: jax.Array | None = None   # [..., C] mass of tokens equal to s_j
+  p_slot: jax.Array | None = None    # [..., C] probability of a token with logit s_j
+  p_max: jax.Array | None = None     # [...] largest probability
 
 
 _BLOCK = 128
@@ -99,28 +104,51 @@ def _locate(s: jax.Array, z: jax.Array):
   return below, jnp.take(s, below) == z
 
 
-def _row_threshold(z, m, cap):
+def _softmax(z, temperature):
+  top = jnp.max(z)
+  e = jnp.exp((z - top) / temperature)
+  total = jnp.sum(e)
+  prob = lambda v: jnp.exp((v - top) / temperature) / total
+  return e / total, prob
+
+
+def _row_threshold(z, m, cap, temperature):
   s, n = _sorted_valid(z, m, cap)
   b, tied = _locate(s, z)
   # One histogram over 2C cells: cell b (not tied to s_b) or C + b (tied).
-  cells = jnp.bincount(b + cap * tied, length=2 * cap)
-  hist = jnp.stack([cells[:cap] + cells[cap:], cells[cap:]], axis=-1)
-  above = jnp.cumsum(hist[::-1, 0])[::-1]  # above[k] = #{u : b_u >= k}
+  cell = b + cap * tied
+  cells = jnp.bincount(cell, length=2 * cap)
   lo = jnp.searchsorted(s, s, side="left")
   hi = jnp.searchsorted(s, s, side="right")
-  gt_all = jnp.take(jnp.append(above, 0), hi)  # z_u > s_j  <=>  b_u >= hi_j
-  eq_all = jnp.take(hist[:, 1], jnp.clip(lo, 0, cap - 1))
-  return _finish(z, m, s, n, gt_all, eq_all, lo, hi)
+
+  def at_slots(hist):  # (strictly above s_j, equal to s_j) from per-cell sums
+    above = jnp.cumsum((hist[:cap] + hist[cap:])[::-1])[::-1]  # above[k] = Σ_{b_u >= k}
+    return (jnp.take(jnp.append(above, 0), hi),           # z_u > s_j  <=>  b_u >= hi_j
+            jnp.take(hist[cap:], jnp.clip(lo, 0, cap - 1)))
+  gt_all, eq_all = at_slots(cells)
+  out = _finish(z, m, s, n, gt_all, eq_all, lo, hi)
+  if temperature is None:
+    return out
+  p, prob = _softmax(z, temperature)
+  gt_mass, eq_mass = at_slots(jnp.bincount(cell, weights=p, length=2 * cap))
+  return out.replace(gt_mass=gt_mass, eq_mass=eq_mass, p_slot=prob(s), p_max=jnp.max(p))
 
 
-def _row_sort(z, m, cap):
+def _row_sort(z, m, cap, temperature):
   s, n = _sorted_valid(z, m, cap)
   zs = jnp.sort(z)
   left = jnp.searchsorted(zs, s, side="left")
   right = jnp.searchsorted(zs, s, side="right")
   lo = jnp.searchsorted(s, s, side="left")
   hi = jnp.searchsorted(s, s, side="right")
-  return _finish(z, m, s, n, z.shape[-1] - right, right - left, lo, hi)
+  out = _finish(z, m, s, n, z.shape[-1] - right, right - left, lo, hi)
+  if temperature is None:
+    return out
+  p, prob = _softmax(z, temperature)
+  mass_above = jnp.append(jnp.cumsum(jnp.sort(p)[::-1])[::-1], 0.0)  # Σ p of sorted[i:]
+  return out.replace(gt_mass=jnp.take(mass_above, right),
+                     eq_mass=jnp.take(mass_above, left) - jnp.take(mass_above, right),
+                     p_slot=prob(s), p_max=jnp.max(p))
 
 
 def _finish(z, m, s, n, gt_all, eq_all, lo, hi):
@@ -131,12 +159,17 @@ def _finish(z, m, s, n, gt_all, eq_all, lo, hi):
       capacity_ok=n < s.shape[-1], finite=inputs.row_finite(z))
 
 
-def valid_ranks(z: jax.Array, m: jax.Array, cap: int, method: str = "threshold") -> ValidRanks:
+def valid_ranks(z: jax.Array, m: jax.Array, cap: int, method: str = "threshold",
+                temperature: jax.Array | None = None) -> ValidRanks:
   """Valid-rank counts of float32 logits ``z [..., V]`` with bool mask ``m [..., V]``.
 
   ``cap`` (a power of two) slots hold the valid logits; rows with ``n_valid >= cap`` have
   ``capacity_ok = False`` and meaningless counts. Inputs must already be normalised
-  (:mod:`calibjax.inputs`).
+  (:mod:`calibjax.inputs`). With ``temperature`` (``[...]``), the mass fields are filled.
   """
   row = {"threshold": _row_threshold, "sort": _row_sort}[method]
-  return map_rows(lambda zr, mr: row(zr, mr, cap), z, m, batch_shape=z.shape[:-1])
+  batch = z.shape[:-1]
+  if temperature is None:
+    return map_rows(lambda zr, mr: row(zr, mr, cap, None), z, m, batch_shape=batch)
+  t = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), batch)
+  return map_rows(lambda zr, mr, tr: row(zr, mr, cap, tr), z, m, t, batch_shape=batch)

@@ -1,0 +1,183 @@
+"""Oracle cutoffs (SPEC §5): the best any rank cutoff could do, knowing the valid set.
+
+Candidate cutoffs are tie-closed, ``{u : z_u ≥ s_j}`` at each valid logit ``s_j``: every
+objective here improves only when a valid token enters, so its optimum is at one of them.
+They are read off the sort-free valid-rank counts of :mod:`calibjax.ranks` (with masses), so
+no vocabulary is sorted. Among equally good cutoffs the smallest is chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.typing import ArrayLike
+
+from calibjax import errors, inputs, truncation
+from calibjax.ranks import valid_ranks
+from calibjax.shape import _check_temperature
+
+OBJECTIVES = ("validity", "f1", "precision")
+
+
+@struct.dataclass
+class OracleCutoff:
+  """The oracle rank cutoff per row (``[...]``; NaN where ``defined`` is False).
+
+  Fields:
+    r_star: size of the chosen tie-closed cutoff (= ``k_star``, the top-k parameter there).
+    p_star: ``p(top r*)``, the top-p parameter that selects it; min_p_star:
+      ``p_(r*) / p_(1)``; epsilon_star: ``p_(r*)`` (``p_(r*)``: the probability of the last kept
+      token).
+    recall, precision, validity, f1, kept_valid, kept_invalid, kept_mass: of that cutoff.
+    feasible: some cutoff meets the constraint (``validity``/``precision`` objectives);
+      otherwise the smallest cutoff holding a valid token is reported.
+    defined: finite row with valid and invalid tokens, within ``max_valid``.
+  """
+  r_star: jax.Array
+  k_star: jax.Array
+  p_star: jax.Array
+  min_p_star: jax.Array
+  epsilon_star: jax.Array
+  recall: jax.Array
+  precision: jax.Array
+  validity: jax.Array
+  f1: jax.Array
+  kept_valid: jax.Array
+  kept_invalid: jax.Array
+  kept_mass: jax.Array
+  feasible: jax.Array
+  defined: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cap", "method", "objective"))
+def _oracle(z, m, tau, temperature, cap, method, objective):
+  r = valid_ranks(z, m, cap, method, temperature)
+  cap_slots = r.s.shape[-1]
+  real = jnp.arange(cap_slots) < r.n_valid[..., None]
+  n = r.n_valid[..., None].astype(jnp.float32)
+  tp = (r.gt_val + r.eq_val).astype(jnp.float32)
+  k = (r.gt_all + r.eq_all).astype(jnp.float32)
+  mass = r.gt_mass + r.eq_mass
+  p_valid = jnp.where(real, r.p_slot, 0.0)
+  vmass = jnp.cumsum(p_valid[..., ::-1], axis=-1)[..., ::-1]  # valid mass at or above slot
+  # tied valid slots share a cutoff: take the tie group's first slot
+  lo = r.n_valid[..., None] - r.gt_val - r.eq_val
+  vmass = jnp.take_along_axis(vmass, jnp.minimum(lo, cap_slots - 1), axis=-1)
+  recall, precision, validity = tp / n, tp / k, vmass / mass
+  f1 = 2 * tp / (k + n)
+  tau = jnp.asarray(tau, jnp.float32)[..., None]
+  if objective == "f1":
+    score, ok = f1, real
+  else:
+    ok = real & ((validity if objective == "validity" else precision) >= tau)
+    score = recall
+  score = jnp.where(ok, score, -jnp.inf)
+  best = cap_slots - 1 - jnp.argmax(score[..., ::-1], axis=-1)  # ties: the smallest cutoff
+  feasible = jnp.any(ok, axis=-1)
+  j = jnp.where(feasible, best, jnp.maximum(r.n_valid - 1, 0))[..., None]
+  at = lambda x: jnp.take_along_axis(x, j, axis=-1)[..., 0]
+  defined = r.finite & (r.n_valid > 0) & (r.n_valid < z.shape[-1]) & r.capacity_ok
+  nan = lambda x: jnp.where(defined, x, jnp.nan)
+  return OracleCutoff(
+      r_star=nan(at(k)), k_star=nan(at(k)), p_star=nan(at(mass)),
+      min_p_star=nan(at(r.p_slot) / r.p_max), epsilon_star=nan(at(r.p_slot)),
+      recall=nan(at(recall)), precision=nan(at(precision)), validity=nan(at(validity)),
+      f1=nan(at(f1)), kept_valid=nan(at(tp)), kept_invalid=nan(at(k - tp)),
+      kept_mass=nan(at(mass)), feasible=feasible & defined, defined=defined)
+
+
+def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "validity",
+                  tau: ArrayLike = 0.95, temperature: ArrayLike = 1.0, *,
+                  max_valid: int | None = None, method: str = "threshold") -> OracleCutoff:
+  """The tie-closed rank cutoff ``r*`` that maximises an objective, per row.
+
+  Objectives: ``"validity"`` — max recall subject to validity ≥ τ (default); ``"f1"`` — max
+  F1; ``"precision"`` — max recall subject to precision ≥ τ. Validity is under
+  ``softmax(z / T)``. ``tau``/``temperature``: scalars or ``[...]``; new values do not
+  recompile. ``max_valid``/``method``: as in :func:`calibjax.order_stats`.
+
+  Example:
+    >>> o = oracle_cutoff(jnp.log(jnp.array([.4, .3, .2, .1])),
+    ...                   jnp.array([True, False, True, False]), tau=0.6)
+    >>> float(o.r_star), float(o.recall), float(o.validity)   # {.4,.3,.2}: 6/9 valid mass
+    (3.0, 1.0, 0.666...)
+  """
+  if objective not in OBJECTIVES:
+    raise errors.InputError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
+  _check_temperature(temperature)
+  z = inputs.as_logits(logits)
+  m = inputs.as_mask(valid_mask, z.shape)
+  return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective)
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleGap:
+  """A rule's best single global parameter against the per-position oracle (means over the
+  rows where both are defined).
+
+  ``values`` and ``mean_recall``/``mean_validity``/``mean_precision``/``mean_f1`` ``[S]``
+  describe the sweep; ``best_*`` the best global value (NaN if none meets the constraint);
+  ``oracle_*`` the per-position oracle cutoffs; ``recall_gap = oracle_recall − best_recall``.
+  """
+  rule: str
+  objective: str
+  tau: float
+  values: np.ndarray
+  mean_recall: np.ndarray
+  mean_validity: np.ndarray
+  mean_precision: np.ndarray
+  mean_f1: np.ndarray
+  best_index: int
+  best_value: float
+  best_recall: float
+  best_validity: float
+  oracle_recall: float
+  oracle_validity: float
+  recall_gap: float
+  positions: int
+
+
+def oracle_gap(logits: ArrayLike, valid_mask: ArrayLike, rule: str, values, *,
+               objective: str = "validity", tau: float = 0.95,
+               temperature: float = 1.0) -> OracleGap:
+  """How far the best single parameter of ``rule`` falls short of the per-position oracle.
+
+  The rule is evaluated at every value of ``values`` in one sweep over all positions
+  ``[..., V]``; the global value is chosen on position means (max mean recall subject to mean
+  validity (or precision) ≥ τ; or max mean F1), and compared with the means of
+  :func:`oracle_cutoff`. A host-side helper: returns NumPy values.
+  """
+  if rule not in truncation.RULES:
+    raise errors.InputError(f"oracle_gap needs a rule of {truncation.RULES}, got {rule!r}.")
+  tr = truncation.truncate(logits, rule, truncation.sweep(values), temperature=temperature,
+                           valid_mask=valid_mask, return_keep=False)
+  orc = oracle_cutoff(logits, valid_mask, objective, tau, temperature)
+  rows = np.asarray(orc.defined).ravel()
+  if not rows.any():
+    raise errors.InputError("oracle_gap: no position has both valid and invalid tokens.")
+  flat = lambda x: np.asarray(x, np.float64).reshape(len(np.asarray(tr.recall)), -1)[:, rows]
+  recall, validity, precision = flat(tr.recall), flat(tr.validity), flat(tr.precision)
+  n_valid = flat(tr.kept_valid / tr.recall)
+  f1 = 2 * flat(tr.kept_valid) / (flat(tr.kept_count) + n_valid)
+  means = [x.mean(axis=1) for x in (recall, validity, precision, f1)]
+  if objective == "f1":
+    score = means[3]
+  else:
+    constraint = means[1] if objective == "validity" else means[2]
+    score = np.where(constraint >= tau, means[0], -np.inf)
+  best = int(np.argmax(score))
+  ok = np.isfinite(score[best])
+  pick = lambda x: float(x[best]) if ok else float("nan")
+  o_recall = float(np.asarray(orc.recall).ravel()[rows].mean())
+  return OracleGap(
+      rule=rule, objective=objective, tau=float(tau), values=np.asarray(values, np.float64),
+      mean_recall=means[0], mean_validity=means[1], mean_precision=means[2], mean_f1=means[3],
+      best_index=best if ok else -1, best_value=pick(np.asarray(values, np.float64)),
+      best_recall=pick(means[0]), best_validity=pick(means[1]), oracle_recall=o_recall,
+      oracle_validity=float(np.asarray(orc.validity).ravel()[rows].mean()),
+      recall_gap=o_recall - pick(means[0]), positions=int(rows.sum()))
