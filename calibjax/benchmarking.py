@@ -146,3 +146,110 @@ def format_table(report: dict) -> str:
   lines.append(f"backend {env['backend']} ({env['device']}), jax {env['jax']}, "
                f"{env['cpu_count']} CPUs")
   return "\n".join(lines)
+
+
+# One value and a 32-value sweep per rule (the sweep spans the rule's useful range).
+RULE_VALUES = {
+    "top_k": (50, np.arange(1, 33) ** 2),
+    "top_p": (0.9, np.linspace(0.5, 0.99, 32)),
+    "min_p": (0.1, np.geomspace(1e-3, 0.5, 32)),
+    "epsilon": (3e-4, np.geomspace(1e-5, 1e-2, 32)),
+    "eta": (3e-4, np.geomspace(1e-5, 1e-2, 32)),
+    "typical": (0.9, np.linspace(0.5, 0.99, 32)),
+    "top_n_sigma": (1.0, np.linspace(0.25, 4.0, 32)),
+}
+PEER_RULES = ("top_p", "min_p", "typical", "eta")  # as timed by experiments/peers
+PEER_HOW = "bash experiments/peers/setup_peer_env.sh  (creates .venv-peer: torch + transformers)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncationBenchmarkConfig:
+  """Shapes, repeats, seed, and the peer environment's Python (None: skip the peer)."""
+  shapes: tuple[tuple[int, int], ...] = ((64, 262144), (8, 32000))
+  repeats: int = 5
+  numpy_repeats: int = 1
+  seed: int = 0
+  peer_python: str | None = ".venv-peer/bin/python"
+
+
+def _peer_times(z: np.ndarray, peer_python: str | None, log: Callable) -> dict:
+  """Times the PyTorch warpers on ``z`` in the peer environment (a subprocess)."""
+  import json
+  import subprocess
+  import tempfile
+  script = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers",
+                        "torch_warpers.py")
+  if not peer_python or not os.path.exists(peer_python):
+    log(f"peer environment {peer_python} not found; to create it: {PEER_HOW}")
+    return {"available": False, "how": PEER_HOW}
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs, out = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "peer.json")
+    np.savez(inputs, logits=z)
+    proc = subprocess.run([peer_python, script, "time", inputs, out], capture_output=True,
+                          text=True, timeout=1800, check=False)
+    if proc.returncode != 0:
+      log(f"peer failed: {proc.stderr[-2000:]}")
+      return {"available": False, "error": proc.stderr[-2000:], "how": PEER_HOW}
+    with open(out) as f:
+      return {"available": True, **json.load(f)}
+
+
+def run_truncation_benchmark(cfg: TruncationBenchmarkConfig, log: Callable = print) -> dict:
+  """Per shape and rule: one value (with and without keep masks), a 32-value sweep, the
+  float64 NumPy reference, agreement with it, the PyTorch warpers (peer) and the floor."""
+  from calibjax import truncation
+  report = {"environment": environment(), "config": dataclasses.asdict(cfg), "shapes": {}}
+  for batch, vocab in cfg.shapes:
+    name = f"{batch}x{vocab}"
+    z_np, _ = synthetic_inputs(batch, vocab, 1, cfg.seed)
+    z = jnp.asarray(z_np)
+    row = {**floor_ms(z, cfg.repeats), "rules": {}}
+    for rule, (value, values) in RULE_VALUES.items():
+      log(f"[{name}] {rule}")
+      one = jax.jit(lambda z, v, r=rule: truncation.truncate(z, r, v))
+      bare = jax.jit(lambda z, v, r=rule: truncation.truncate(z, r, v, return_keep=False))
+      swept = jax.jit(lambda z, v, r=rule: truncation.truncate(
+          z, r, truncation.Sweep(tuple(v)), return_keep=False), static_argnums=1)
+      r = {"value": value, "sweep_values": [float(v) for v in values]}
+      r["calibjax_ms"] = best_ms(one, z, value, repeats=cfg.repeats)
+      r["calibjax_nokeep_ms"] = best_ms(bare, z, value, repeats=cfg.repeats)
+      r["calibjax_sweep32_ms"] = best_ms(swept, z, tuple(float(v) for v in values),
+                                         repeats=cfg.repeats)
+      r["numpy_ref_ms"] = best_ms(numpy_reference.truncate, z_np, rule, value,
+                                  repeats=cfg.numpy_repeats)
+      want = numpy_reference.truncate(z_np, rule, value)
+      r["tokens_differing_from_numpy"] = int(np.sum(np.asarray(one(z, value).keep) != want))
+      r["calibjax_over_floor"] = r["calibjax_ms"] / row["floor_ms"]
+      r["sweep32_over_one"] = r["calibjax_sweep32_ms"] / r["calibjax_nokeep_ms"]
+      r["numpy_ref_over_calibjax"] = r["numpy_ref_ms"] / r["calibjax_ms"]
+      row["rules"][rule] = r
+    log(f"[{name}] PyTorch warpers (peer environment)")
+    peer = _peer_times(z_np, cfg.peer_python, log)
+    row["peer"] = {k: v for k, v in peer.items() if k != "ms"}
+    for rule, ms in peer.get("ms", {}).items():
+      row["rules"][rule]["peer_ms"] = ms
+      row["rules"][rule]["peer_over_calibjax"] = ms / row["rules"][rule]["calibjax_ms"]
+    if (batch, vocab) == (64, 262144):
+      rules = row["rules"]
+      row["targets_met"] = {
+          "top_p_peer_over_calibjax>=5": (rules["top_p"].get("peer_over_calibjax", 0) >= 5
+                                          if peer.get("available") else None),
+          "top_p_sweep32_over_one<=4": rules["top_p"]["sweep32_over_one"] <= 4,
+          "every_rule_over_floor<=40": all(r["calibjax_over_floor"] <= 40
+                                           for r in rules.values())}
+    report["shapes"][name] = row
+  return report
+
+
+def format_truncation_table(report: dict) -> str:
+  """A plain-text table per shape: one row per rule."""
+  cols = ("calibjax_ms", "calibjax_sweep32_ms", "numpy_ref_ms", "peer_ms",
+          "calibjax_over_floor", "sweep32_over_one", "peer_over_calibjax")
+  lines = []
+  for name, row in report["shapes"].items():
+    lines.append(f"{name}  (floor {row['floor_ms']:.2f} ms)")
+    lines.append("rule".ljust(12) + "".join(c.rjust(21) for c in cols))
+    for rule, r in row["rules"].items():
+      cells = "".join((f"{r[c]:21.2f}" if c in r else "-".rjust(21)) for c in cols)
+      lines.append(rule.ljust(12) + cells)
+  return "\n".join(lines)

@@ -1,15 +1,21 @@
-r"""Benchmark of calibjax's whole-vocabulary metrics against references and the floor.
+r"""Benchmark of calibjax's whole-vocabulary metrics and samplers against references, peers
+and the one-pass floor.
 
 Command (from the repository root, in the environment of README.md):
 
   python -m experiments.benchmark --out=results/benchmark
 
-Expected runtime: about 1 minute on a 2-core CPU (most of it the float64 NumPy reference).
-Expected output: a table of times (ms) and ratios per shape, and
-``results/benchmark/metrics.json`` with, per shape, ``floor_ms``, ``calibjax_ms``,
-``numpy_ref_ms``, ``group_masses16_ms``, the ratios ``calibjax_over_floor``,
-``numpy_ref_over_calibjax``, ``group_masses16_over_floor``, the largest difference from the
-reference per metric, whether the targets are met at [64, 262144], and the environment.
+Expected runtime: about 2 minutes on a 2-core CPU (most of it the float64 NumPy references).
+Expected output: tables of times (ms) and ratios, and two files:
+- ``metrics.json`` (section ``metrics``): per shape ``floor_ms``, ``calibjax_ms`` (order_stats
+  + shape_stats), ``numpy_ref_ms``, ``group_masses16_ms``, the ratios
+  ``calibjax_over_floor``, ``numpy_ref_over_calibjax``, ``group_masses16_over_floor``, the
+  largest difference from the reference per metric, targets met at [64, 262144];
+- ``truncation.json`` (section ``truncation``): per shape and rule ``calibjax_ms`` (one
+  value), ``calibjax_sweep32_ms``, ``numpy_ref_ms``, ``peer_ms`` and ``peer_over_calibjax``
+  (PyTorch warpers in ``.venv-peer``; when it is absent the report says how to create it),
+  ``calibjax_over_floor``, ``sweep32_over_one``, targets met at [64, 262144].
+Both record versions, backend and device.
 """
 
 import os
@@ -25,6 +31,10 @@ _N_VALID = flags.DEFINE_integer("n_valid", 50, "Valid tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed runs of the NumPy reference.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs.")
+_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation"],
+                                    ["metrics", "truncation"], "Sections to run.")
+_PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-peer/bin/python",
+                                   "Python of the PyTorch peer environment ('' to skip).")
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -37,13 +47,23 @@ def _parse_shape(text: str) -> tuple[int, int]:
 
 def main(argv):
   del argv
-  cfg = benchmarking.MetricsBenchmarkConfig(
-      shapes=tuple(_parse_shape(s) for s in _SHAPES.value), n_valid=_N_VALID.value,
-      repeats=_REPEATS.value, numpy_repeats=_NUMPY_REPEATS.value, seed=_SEED.value)
-  report = benchmarking.run_metrics_benchmark(cfg)
-  path = write_json_atomic(os.path.join(_OUT.value, "metrics.json"), report)
-  print(benchmarking.format_table(report))
-  print(f"wrote {path}")
+  shapes = tuple(_parse_shape(s) for s in _SHAPES.value)
+  if "metrics" in _SECTIONS.value:
+    cfg = benchmarking.MetricsBenchmarkConfig(
+        shapes=shapes, n_valid=_N_VALID.value, repeats=_REPEATS.value,
+        numpy_repeats=_NUMPY_REPEATS.value, seed=_SEED.value)
+    report = benchmarking.run_metrics_benchmark(cfg)
+    path = write_json_atomic(os.path.join(_OUT.value, "metrics.json"), report)
+    print(benchmarking.format_table(report))
+    print(f"wrote {path}")
+  if "truncation" in _SECTIONS.value:
+    cfg = benchmarking.TruncationBenchmarkConfig(
+        shapes=shapes, repeats=_REPEATS.value, numpy_repeats=_NUMPY_REPEATS.value,
+        seed=_SEED.value, peer_python=_PEER_PYTHON.value or None)
+    report = benchmarking.run_truncation_benchmark(cfg)
+    path = write_json_atomic(os.path.join(_OUT.value, "truncation.json"), report)
+    print(benchmarking.format_truncation_table(report))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

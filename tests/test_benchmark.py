@@ -32,3 +32,16 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(str(path), {"x": object()})
   assert json.loads(path.read_text())["a"] == [0, 1]      # the old file survives a failure
   assert os.listdir(tmp_path / "sub") == ["r.json"]        # and no temp file is left behind
+
+
+def test_truncation_report_without_peer():
+  cfg = benchmarking.TruncationBenchmarkConfig(shapes=((2, 600),), repeats=1, peer_python=None)
+  report = benchmarking.run_truncation_benchmark(cfg, log=lambda *_: None)
+  row = report["shapes"]["2x600"]
+  assert set(row["rules"]) == set(benchmarking.RULE_VALUES)
+  for rule, r in row["rules"].items():
+    assert r["tokens_differing_from_numpy"] == 0, rule
+    assert r["sweep32_over_one"] == pytest.approx(
+        r["calibjax_sweep32_ms"] / r["calibjax_nokeep_ms"])
+    assert len(r["sweep_values"]) == 32 and "peer_ms" not in r
+  assert row["peer"] == {"available": False, "how": benchmarking.PEER_HOW}
