@@ -1,10 +1,12 @@
 """Truncation rules and chains (SPEC §4) against float64 NumPy references and properties."""
 
 import chex
+import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import calibjax as cj
 from calibjax import numpy_reference as ref
@@ -151,3 +153,22 @@ def test_bad_params():
     cj.truncate(z, "top_p", cj.sweep([0.5, 0.0]))
   with pytest.raises(cj.errors.ShapeMismatchError, match="per-row"):
     cj.truncate(z, "top_p", np.array([0.5, 0.6, 0.7]))
+
+
+# Logits on a grid of quarters (ties) plus -inf, so integer shifts are exact in float32.
+grid_rows = hnp.arrays(np.float32, st.integers(1, 40),
+                       elements=st.integers(-40, 40).map(lambda i: i / 4) | st.just(-np.inf))
+
+
+@settings(max_examples=40, deadline=None)
+@given(grid_rows, st.sampled_from(sorted(PARAMS)), st.data())
+def test_permutation_and_shift_invariance(z, rule, data):
+  param = data.draw(st.sampled_from(PARAMS[rule]))
+  perm = list(data.draw(st.permutations(range(z.size))))
+  shift = np.float32(data.draw(st.integers(-8, 8)))
+  keep = np.asarray(cj.truncate(z[None], rule, param).keep[0])
+  np.testing.assert_array_equal(np.asarray(cj.truncate(z[perm][None], rule, param).keep[0]),
+                                keep[perm])
+  np.testing.assert_array_equal(np.asarray(cj.truncate((z + shift)[None], rule, param).keep[0]),
+                                keep)
+  assert keep.any()
