@@ -1,11 +1,25 @@
-"""calibjax: validity–diversity calibration of language models, in JAX."""
+"""calibjax: validity–diversity calibration of language models, in JAX.
+
+The public API: order metrics (SPEC §1), shape metrics (§2), calibration error (§3),
+truncation samplers (§4) and oracle cutoffs (§5). Definitions: SPEC.md and docs/semantics.md.
+"""
 
 from calibjax import errors
-from calibjax.inputs import check_logits
-from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
-from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
 from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
                                   distributional_calibration, full_ece, proper_scores,
                                   top_label_ece)
-from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
+from calibjax.inputs import check_logits
 from calibjax.oracle import OracleCutoff, OracleGap, oracle_cutoff, oracle_gap
+from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
+from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
+from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
+
+__all__ = [
+    "errors", "check_logits",
+    "OrderStats", "order_stats", "recall_at_precision", "CutoffCurve", "cutoff_curve",
+    "ShapeStats", "shape_stats", "GroupMasses", "group_masses",
+    "Reliability", "top_label_ece", "full_ece", "ProperScores", "proper_scores",
+    "DistributionalCalibration", "distributional_calibration",
+    "RULES", "Sampler", "Sweep", "Truncation", "sweep", "truncate", "truncate_chain",
+    "OracleCutoff", "oracle_cutoff", "OracleGap", "oracle_gap",
+]

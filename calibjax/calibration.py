@@ -26,7 +26,6 @@ from jax.typing import ArrayLike
 
 from calibjax import errors, inputs
 from calibjax.rowwise import map_rows
-from calibjax.shape import _check_temperature
 
 
 @struct.dataclass
@@ -87,7 +86,7 @@ def _prepare(logits, labels, temperature):
       pos = tuple(int(i) for i in bad[0])
       raise errors.InputError(f"labels must lie in [0, V={z.shape[-1]}); position {pos} has "
                               f"{int(np.asarray(y)[pos])} ({len(bad)} bad positions).")
-  _check_temperature(temperature)
+  inputs.check_temperature(temperature)
   return (z.reshape(-1, z.shape[-1]), y.reshape(-1).astype(jnp.int32),
           jnp.asarray(temperature, jnp.float32))
 
@@ -264,7 +263,7 @@ def distributional_calibration(logits: ArrayLike, target: ArrayLike, *, n_bins: 
     if bad.size:
       raise errors.InputError(f"target rows must be non-negative with positive sum; row "
                               f"{tuple(int(i) for i in bad[0])} is not.")
-  _check_temperature(temperature)
+  inputs.check_temperature(temperature)
   vocab = z.shape[-1]
   out = _distributional(z.reshape(-1, vocab), w.reshape(-1, vocab),
                         jnp.asarray(temperature, jnp.float32), int(n_bins), float(p_min))

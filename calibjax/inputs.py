@@ -28,6 +28,14 @@ def as_logits(logits: ArrayLike, name: str = "logits") -> jax.Array:
   return z
 
 
+def broadcasts_to(shape_from: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+  """Whether an array of ``shape_from`` broadcasts to exactly ``shape``."""
+  try:
+    return jnp.broadcast_shapes(tuple(shape_from), tuple(shape)) == tuple(shape)
+  except ValueError:
+    return False
+
+
 def as_mask(valid_mask: ArrayLike, shape: tuple[int, ...],
             name: str = "valid_mask") -> jax.Array:
   """Returns a bool mask broadcast to ``shape``; raises if it cannot be."""
@@ -35,11 +43,7 @@ def as_mask(valid_mask: ArrayLike, shape: tuple[int, ...],
   if m.dtype != jnp.bool_:
     raise errors.InputError(
         f"{name} must be a bool array (True = valid token), got dtype {m.dtype}.")
-  try:
-    ok = jnp.broadcast_shapes(m.shape, shape) == tuple(shape)
-  except ValueError:
-    ok = False
-  if not ok:
+  if not broadcasts_to(m.shape, shape):
     raise errors.ShapeMismatchError(
         f"{name} of shape {m.shape} does not match logits of shape {tuple(shape)} "
         "(it must have the same shape, or broadcast to it, with the same vocabulary size).")
@@ -49,14 +53,20 @@ def as_mask(valid_mask: ArrayLike, shape: tuple[int, ...],
 def as_weights(target: ArrayLike, shape: tuple[int, ...], name: str = "target") -> jax.Array:
   """Returns float32 non-negative weights broadcast to ``shape`` (a target over tokens)."""
   r = jnp.asarray(target, dtype=jnp.float32)
-  try:
-    ok = jnp.broadcast_shapes(r.shape, shape) == tuple(shape)
-  except ValueError:
-    ok = False
-  if not ok:
+  if not broadcasts_to(r.shape, shape):
     raise errors.ShapeMismatchError(
         f"{name} of shape {r.shape} does not match logits of shape {tuple(shape)}.")
   return jnp.broadcast_to(r, shape)
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+  """Raises :class:`InputError` unless a concrete temperature (or grid) is finite and > 0.
+  Traced values pass: inside jit a bad temperature gives NaN results instead."""
+  if isinstance(temperature, jax.core.Tracer):
+    return
+  t = np.asarray(temperature, dtype=np.float64)
+  if not np.all(np.isfinite(t) & (t > 0)):
+    raise errors.InputError(f"{name} must be finite and > 0, got {t.ravel()[:8].tolist()}.")
 
 
 def row_finite(z: jax.Array) -> jax.Array:

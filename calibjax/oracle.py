@@ -19,7 +19,6 @@ from jax.typing import ArrayLike
 
 from calibjax import errors, inputs, truncation
 from calibjax.ranks import valid_ranks
-from calibjax.shape import _check_temperature
 
 OBJECTIVES = ("validity", "f1", "precision")
 
@@ -109,7 +108,7 @@ def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "va
   """
   if objective not in OBJECTIVES:
     raise errors.InputError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-  _check_temperature(temperature)
+  inputs.check_temperature(temperature)
   z = inputs.as_logits(logits)
   m = inputs.as_mask(valid_mask, z.shape)
   return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective)

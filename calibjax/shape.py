@@ -11,7 +11,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
@@ -112,13 +111,6 @@ def _shape_stats(z, m, w, temperature):
   return ShapeStats(**out, finite=finite, has_valid=has_valid, defined=defined)
 
 
-def _check_temperature(temperature, name="temperature"):
-  if not isinstance(temperature, jax.core.Tracer):
-    t = np.asarray(temperature, dtype=np.float64)
-    if not np.all(np.isfinite(t) & (t > 0)):
-      raise errors.InputError(f"{name} must be finite and > 0, got {t.ravel()[:8].tolist()}.")
-
-
 def _target_weights(target, shape):
   """None (uniform over the valid set) or non-negative weights broadcast to ``shape``."""
   if target is None:
@@ -161,7 +153,7 @@ def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike
   """
   z = inputs.as_logits(logits)
   m = inputs.as_mask(valid_mask, z.shape)
-  _check_temperature(temperature)
+  inputs.check_temperature(temperature)
   return _shape_stats(z, m, _target_weights(target, z.shape), temperature)
 
 
@@ -237,7 +229,7 @@ def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLi
   temps = jnp.asarray(temperatures, jnp.float32)
   if temps.ndim != 1:
     raise errors.InputError(f"temperatures must be a 1-D array, got shape {temps.shape}.")
-  _check_temperature(temperatures, "temperatures")
+  inputs.check_temperature(temperatures, "temperatures")
   if top_m is not None and int(top_m) < 1:
     raise errors.InputError(f"top_m must be >= 1, got {top_m}.")
   w = _target_weights(target, z.shape)

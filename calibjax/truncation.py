@@ -109,8 +109,7 @@ class Sampler:
       if rule != ORACLE_SET and not np.ndim(value) == 0:
         raise errors.InputError(f"chain parameters are scalars; {rule} got {value!r} "
                                 "(use truncate() with sweep() for sweeps).")
-    if not (np.isfinite(self.temperature) and self.temperature > 0):
-      raise errors.InputError(f"temperature must be finite and > 0, got {self.temperature}.")
+    inputs.check_temperature(self.temperature)
     order = RULES + (ORACLE_SET,)
     canon = tuple(sorted(((r, None if r == ORACLE_SET else float(v)) for r, v in self.rules),
                          key=lambda rv: order.index(rv[0])))
@@ -319,10 +318,7 @@ def _normalise(logits, valid_mask, temperature, need_mask):
   m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
   if need_mask and m is None:
     raise errors.InputError("rule 'oracle_set' needs valid_mask.")
-  if not isinstance(temperature, jax.core.Tracer):
-    t = np.asarray(temperature, np.float64)
-    if not np.all(np.isfinite(t) & (t > 0)):
-      raise errors.InputError(f"temperature must be finite and > 0, got {t.ravel()[:4]}.")
+  inputs.check_temperature(temperature)
   return z, m
 
 
@@ -358,11 +354,7 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
     values = jnp.broadcast_to(jnp.asarray(params.values, jnp.float32), batch + (len(params.values),))
   else:
     p = jnp.zeros(()) if params is None else jnp.asarray(params, jnp.float32)
-    try:
-      ok = jnp.broadcast_shapes(p.shape, batch) == batch
-    except ValueError:
-      ok = False
-    if not ok:
+    if not inputs.broadcasts_to(p.shape, batch):
       raise errors.ShapeMismatchError(
           f"per-row params of shape {p.shape} do not match the rows of logits {z.shape}.")
     values = jnp.broadcast_to(p, batch)[..., None]

@@ -5,9 +5,9 @@ import doctest
 import pytest
 
 import calibjax
-from calibjax import calibration, inputs, order, shape
+from calibjax import calibration, inputs, oracle, order, shape, truncation
 
-MODULES = [calibration, inputs, order, shape]
+MODULES = [calibration, inputs, oracle, order, shape, truncation]
 
 
 @pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
