@@ -20,3 +20,12 @@ class ShapeMismatchError(InputError):
 
 class NonFiniteLogitsError(InputError):
   """Logits contain NaN or +inf (``-inf`` is legal: probability 0, ranked last)."""
+
+
+class ModelLoadError(CalibjaxError):
+  """A model file or directory cannot be used: wrong architecture, missing or misshapen
+  tensors, truncated or unreadable file."""
+
+
+class CheckpointError(CalibjaxError):
+  """A cached checkpoint is missing, partial or corrupt (it is rebuilt, never used)."""

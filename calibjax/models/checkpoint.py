@@ -1,0 +1,84 @@
+"""The one checkpoint module: every Orbax save and restore of calibjax goes through here.
+
+A cache entry is a folder holding ``state/`` (an Orbax ``StandardCheckpointer`` save of an
+NNX state), any number of small side files (JSON, bytes), and ``COMPLETE`` — written last,
+holding the SHA-256 of every side file. An entry without ``COMPLETE``, with a side file that
+does not match it, or whose state Orbax cannot restore into the expected shapes is reported
+by :class:`calibjax.errors.CheckpointError`; callers rebuild it, never use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Callable
+
+import jax
+
+from calibjax import errors
+
+_MARKER = "COMPLETE"
+
+
+def _sha(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
+def save(folder: str, state, files: dict[str, bytes]) -> None:
+  """Writes ``state`` and ``files`` into ``folder`` (replaced if present), marker last."""
+  import orbax.checkpoint as ocp
+  if os.path.exists(folder):
+    shutil.rmtree(folder)
+  os.makedirs(folder)
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(os.path.abspath(folder), "state"), state)
+    ckpt.wait_until_finished()
+  for name, data in files.items():
+    with open(os.path.join(folder, name), "wb") as f:
+      f.write(data)
+  tmp = os.path.join(folder, _MARKER + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({name: _sha(data) for name, data in files.items()}, f, indent=1, sort_keys=True)
+  os.replace(tmp, os.path.join(folder, _MARKER))
+
+
+def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
+         ) -> tuple[object, dict[str, bytes]]:
+  """Restores the side files, then the state into ``abstract_state(files)`` (the expected
+  shapes and dtypes, which may depend on the side files, e.g. a config).
+
+  Raises:
+    CheckpointError: missing, partial or corrupt entry (the message says which part).
+  """
+  import orbax.checkpoint as ocp
+  marker = os.path.join(folder, _MARKER)
+  if not os.path.exists(marker):
+    raise errors.CheckpointError(f"{folder}: no {_MARKER} marker (missing or partial entry).")
+  try:
+    with open(marker) as f:
+      digests = json.load(f)
+    files = {}
+    for name, digest in digests.items():
+      with open(os.path.join(folder, name), "rb") as f:
+        files[name] = f.read()
+      if _sha(files[name]) != digest:
+        raise errors.CheckpointError(f"{folder}/{name}: checksum mismatch (corrupt).")
+  except (OSError, ValueError) as e:
+    raise errors.CheckpointError(f"{folder}: unreadable side files ({e}).") from e
+  try:
+    abstract_state = abstract_state(files)
+  except (KeyError, ValueError, TypeError) as e:
+    raise errors.CheckpointError(f"{folder}: side files do not describe a model ({e}).") from e
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      state = ckpt.restore(os.path.join(os.path.abspath(folder), "state"), abstract_state)
+  except Exception as e:  # Orbax/TensorStore raise many kinds for damaged data
+    raise errors.CheckpointError(f"{folder}/state: cannot be restored ({type(e).__name__}: "
+                                 f"{str(e)[:300]}).") from e
+  want = jax.tree.map(lambda a: (a.shape, a.dtype), abstract_state)
+  got = jax.tree.map(lambda a: (a.shape, a.dtype), state)
+  if want != got:
+    raise errors.CheckpointError(f"{folder}/state: restored shapes differ from the model's.")
+  return state, files

@@ -1,0 +1,90 @@
+"""A loaded language model: the NNX decoder, its tokenizer and jitted forward functions."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from calibjax import errors
+from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
+from calibjax.models.tokenizer import Tokenizer
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+  """Static length for ``n`` tokens: the next power of two (≥ ``minimum``)."""
+  return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+class LanguageModel:
+  """``tokenizer``, ``vocab`` (token strings), ``config``, and:
+
+  - ``logits(ids_bt, mask=None) -> [B, T, V]`` float32 (full forward);
+  - ``prefill(ids_bt, mask, max_new_tokens) -> (last logits [B, V], last hidden [B, d],
+    cache)``;
+  - ``decode(cache, tokens_b) -> (logits [B, V], hidden [B, d], cache)``.
+
+  Inputs are padded to power-of-two length buckets, so each bucket compiles once. ``mask``
+  marks real tokens (left or right padding both work); without it every token is real.
+  """
+
+  def __init__(self, model: Gemma3, tokenizer: Tokenizer, name: str):
+    self.config: Gemma3Config = model.cfg
+    self.tokenizer = tokenizer
+    self.vocab = tokenizer.vocab
+    self.name = name
+    self._graph, self._state = nnx.split(model)
+    self.dtype = jax.tree.leaves(self._state)[0].dtype
+
+  @functools.partial(jax.jit, static_argnums=(0, 4))
+  def _forward(self, state, ids, mask, size, cache=None):
+    model = nnx.merge(self._graph, state)
+    if cache is None:
+      cache = KVCache.empty(self.config, ids.shape[0], size, self.dtype)
+    return model(ids, mask, cache)
+
+  def _check(self, ids):
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+      raise errors.InputError(f"ids must be int [B, T], got {ids.dtype} of shape {ids.shape}.")
+    if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+      raise errors.InputError(f"token ids must lie in [0, {self.config.vocab_size}).")
+    return ids
+
+  def _padded(self, ids, mask):
+    ids = self._check(ids)
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != ids.shape:
+      raise errors.ShapeMismatchError(f"mask {mask.shape} must match ids {ids.shape}.")
+    t = bucket(ids.shape[1])
+    pad = ((0, 0), (0, t - ids.shape[1]))
+    return jnp.asarray(np.pad(ids, pad)), jnp.asarray(np.pad(mask, pad)), t
+
+  def logits(self, ids, mask=None) -> jax.Array:
+    """Next-token logits at every position, ``[B, T, V]`` float32."""
+    pids, pmask, t = self._padded(ids, mask)
+    return self._forward(self._state, pids, pmask, t)[0][:, :np.shape(ids)[1]]
+
+  def prefill(self, ids, mask=None, max_new_tokens: int = 64):
+    """Runs the prompt into a fresh cache with room for ``max_new_tokens`` decoding steps
+    (rounded up to a bucket) and returns the logits and hidden state at each row's last real
+    token."""
+    pids, pmask, t = self._padded(ids, mask)
+    size = t + bucket(max_new_tokens, minimum=1)
+    logits, hidden, cache = self._forward(self._state, pids, pmask, size)
+    last = jnp.max(jnp.where(pmask, jnp.arange(t), -1), axis=1)
+    take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return take(logits), take(hidden), cache
+
+  def decode(self, cache: KVCache, tokens):
+    """Appends one token per row; returns its logits ``[B, V]``, hidden ``[B, d]``, cache."""
+    if int(cache.index) >= cache.pos.shape[1]:
+      raise errors.InputError(f"the cache is full ({cache.pos.shape[1]} slots); prefill with "
+                              "a larger max_new_tokens.")
+    ids = jnp.asarray(tokens, jnp.int32)[:, None]
+    logits, hidden, cache = self._forward(self._state, ids, jnp.ones_like(ids, bool),
+                                          cache.pos.shape[1], cache)
+    return logits[:, 0], hidden[:, 0], cache

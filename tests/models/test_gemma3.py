@@ -1,0 +1,106 @@
+"""The NNX Gemma 3 decoder on tiny random checkpoints: cache, padding, window, dtype."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calibjax import errors
+from calibjax.models import LanguageModel
+from calibjax.models.gemma3 import Gemma3Config, KVCache
+from tests.models import tiny
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return LanguageModel(tiny.model(), tiny.tokenizer(), "tiny")
+
+
+def full(model, ids):
+  ids = jnp.asarray(ids)
+  return np.asarray(model(ids, jnp.ones(ids.shape, bool), KVCache.empty(model.cfg, *ids.shape))[0])
+
+
+def test_cached_decoding_equals_full_forward(lm):
+  ids = np.random.default_rng(0).integers(4, 260, (3, 12))
+  want = np.asarray(lm.logits(ids))
+  logits, _, cache = lm.prefill(ids[:, :5], max_new_tokens=7)
+  np.testing.assert_allclose(np.asarray(logits), want[:, 4], atol=2e-5)
+  for t in range(5, 12):
+    logits, hidden, cache = lm.decode(cache, ids[:, t])
+    np.testing.assert_allclose(np.asarray(logits), want[:, t], atol=2e-5, err_msg=f"step {t}")
+  assert hidden.shape == (3, tiny.CONFIG.hidden)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_gives_each_row_its_unpadded_result(lm, side):
+  rng = np.random.default_rng(1)
+  rows = [rng.integers(4, 260, n) for n in (9, 4, 7)]
+  ids = np.zeros((3, 9), np.int64)
+  mask = np.zeros((3, 9), bool)
+  for i, r in enumerate(rows):
+    sl = slice(9 - len(r), 9) if side == "left" else slice(0, len(r))
+    ids[i, sl], mask[i, sl] = r, True
+  got = np.asarray(lm.logits(ids, mask))
+  last, _, cache = lm.prefill(ids, mask)
+  for i, r in enumerate(rows):
+    want = np.asarray(lm.logits(r[None]))[0]
+    np.testing.assert_allclose(got[i][mask[i]], want, atol=2e-5, err_msg=f"row {i}")
+    np.testing.assert_allclose(np.asarray(last[i]), want[-1], atol=2e-5)
+  # decoding continues each row from its own last position
+  nxt = np.array([5, 6, 7])
+  step, _, _ = lm.decode(cache, nxt)
+  for i, r in enumerate(rows):
+    want = np.asarray(lm.logits(np.append(r, nxt[i])[None]))[0, -1]
+    np.testing.assert_allclose(np.asarray(step[i]), want, atol=2e-5, err_msg=f"row {i}")
+
+
+def test_sliding_window_limits_what_a_local_layer_sees():
+  cfg = dataclasses.replace(tiny.CONFIG, layers=1, sliding_window=4)  # one local layer
+  m = tiny.model(cfg=cfg)
+  a = np.random.default_rng(2).integers(4, 260, (1, 10))
+  b = a.copy()
+  b[0, :3] = 7  # tokens 0-2 lie outside the window of positions >= 6
+  la, lb = full(m, a), full(m, b)
+  np.testing.assert_allclose(la[0, 6:], lb[0, 6:], atol=1e-6)
+  assert np.abs(la[0, 3:6] - lb[0, 3:6]).max() > 1e-3  # inside the window it matters
+  # a global layer sees everything
+  g = tiny.model(cfg=dataclasses.replace(cfg, sliding_pattern=1))
+  assert np.abs(full(g, a)[0, 9] - full(g, b)[0, 9]).max() > 1e-3
+
+
+def test_bfloat16_option_is_close_to_float32(lm):
+  ids = np.random.default_rng(3).integers(4, 260, (2, 8))
+  m32 = tiny.model()
+  import jax
+  from flax import nnx
+  graph, state = nnx.split(m32)
+  m16 = nnx.merge(graph, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
+  ids_j = jnp.asarray(ids)
+  cache = KVCache.empty(m16.cfg, 2, 8, jnp.bfloat16)
+  l16 = np.asarray(m16(ids_j, jnp.ones(ids.shape, bool), cache)[0])
+  assert l16.dtype == np.float32  # logits are always float32
+  l32 = full(m32, ids)
+  assert np.abs(l16 - l32).max() < 0.05 * np.abs(l32).max()
+
+
+def test_bad_inputs(lm):
+  with pytest.raises(errors.InputError, match="token ids"):
+    lm.logits(np.array([[1, 99999]]))
+  with pytest.raises(errors.InputError, match=r"int \[B, T\]"):
+    lm.logits(np.array([1, 2]))
+  with pytest.raises(errors.ShapeMismatchError, match="mask"):
+    lm.logits(np.array([[1, 2]]), np.ones((1, 3), bool))
+  _, _, cache = lm.prefill(np.array([[2, 5]]), max_new_tokens=4)
+  for t in range(4):
+    _, _, cache = lm.decode(cache, np.array([5]))
+  with pytest.raises(errors.InputError, match="cache is full"):
+    lm.decode(cache, np.array([5]))
+
+
+def test_config_helpers():
+  cfg = Gemma3Config(vocab_size=10, hidden=8, layers=12, ffn=8, heads=2, kv_heads=1,
+                     head_dim=4, eps=1e-6, sliding_window=4, rope_global=1e6)
+  assert [i for i in range(12) if cfg.is_global(i)] == [5, 11]
+  assert cfg.scaling == pytest.approx(0.5)
