@@ -1,10 +1,11 @@
 """calibjax: validity–diversity calibration of language models, in JAX.
 
 The public API: order metrics (SPEC §1), shape metrics (§2), calibration error (§3),
-truncation samplers (§4) and oracle cutoffs (§5). Definitions: SPEC.md and docs/semantics.md.
+truncation samplers (§4), oracle cutoffs (§5), and ``calibjax.models`` (Gemma 3 from GGUF).
+Definitions: SPEC.md and docs/semantics.md.
 """
 
-from calibjax import errors
+from calibjax import errors, models
 from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
                                   distributional_calibration, full_ece, proper_scores,
                                   top_label_ece)
@@ -15,7 +16,7 @@ from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
 from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
 
 __all__ = [
-    "errors", "check_logits",
+    "errors", "models", "check_logits",
     "OrderStats", "order_stats", "recall_at_precision", "CutoffCurve", "cutoff_curve",
     "ShapeStats", "shape_stats", "GroupMasses", "group_masses",
     "Reliability", "top_label_ece", "full_ece", "ProperScores", "proper_scores",

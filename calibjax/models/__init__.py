@@ -66,7 +66,7 @@ def _from_gguf(path: str, progress: bool):
                              file=sys.stderr)
   params = gguf.read_params(reader, cfg, path, bar)
   graph, state = _abstract(cfg)
-  pure = state.to_pure_dict()
+  pure = nnx.to_pure_dict(state)
   for key, value in params.items():
     node = pure
     *parents, leaf = key.split(".")

@@ -57,6 +57,7 @@ def golden(path, out):
       logp64 = torch.log_softmax(model64(ids).logits[0], dim=-1)
       logp32 = torch.log_softmax(model32(ids).logits[0].float(), dim=-1)
     top = torch.topk(logp64, 100, dim=-1)
+    data[f"prompt{i}/text"] = np.array(prompt)
     data[f"prompt{i}/ids"] = ids[0].numpy()
     data[f"prompt{i}/top_ids"] = top.indices.numpy().astype(np.int32)
     data[f"prompt{i}/top_logp64"] = top.values.numpy()

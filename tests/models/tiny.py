@@ -55,7 +55,7 @@ def write_gguf(path: str, m: Gemma3, arch: str = "gemma3", drop: str | None = No
   w.add_eos_token_id(1)
   w.add_unk_token_id(3)
   w.add_pad_token_id(0)
-  state = nnx.state(m).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(m))
 
   def get(key):
     node = state

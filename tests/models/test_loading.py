@@ -1,0 +1,113 @@
+"""Loading: GGUF files the tests write, the Orbax cache (warm, partial, corrupt), errors."""
+
+import os
+
+import numpy as np
+import pytest
+
+import calibjax.models as models
+from calibjax import errors
+from calibjax.models import checkpoint
+from tests.models import tiny
+
+
+@pytest.fixture()
+def gguf_file(tmp_path):
+  m = tiny.model(seed=4)
+  path = str(tmp_path / "tiny.gguf")
+  tiny.write_gguf(path, m)
+  return path, m
+
+
+def reference_logits(m, ids):
+  import jax.numpy as jnp
+  from calibjax.models.gemma3 import KVCache
+  ids = jnp.asarray(ids)
+  return np.asarray(m(ids, jnp.ones(ids.shape, bool), KVCache.empty(m.cfg, *ids.shape))[0])
+
+
+IDS = np.array([[2, 40, 41, 42, 43, 260, 261, 262]])
+
+
+def test_cold_then_warm_load(gguf_file, tmp_path, monkeypatch):
+  path, m = gguf_file
+  cache = str(tmp_path / "cache")
+  lm = models.load(path, cache_dir=cache, progress=False)
+  assert lm.config == m.cfg and lm.vocab == tiny.TOKENS
+  np.testing.assert_allclose(np.asarray(lm.logits(IDS)), reference_logits(m, IDS), atol=2e-5)
+  # the warm load restores the checkpoint and never reads the GGUF tensors
+  monkeypatch.setattr(models, "_from_gguf", lambda *a: pytest.fail("GGUF read again"))
+  warm = models.load(path, cache_dir=cache, progress=False)
+  np.testing.assert_array_equal(np.asarray(warm.logits(IDS)), np.asarray(lm.logits(IDS)))
+  assert warm.tokenizer.encode("ab a") == lm.tokenizer.encode("ab a")
+
+
+# Orbax leaves unraisable warnings behind when a damaged state fails to restore.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("damage", ["marker", "side_file", "state"])
+def test_partial_or_corrupt_cache_is_rebuilt(gguf_file, tmp_path, capsys, damage):
+  path, m = gguf_file
+  cache = str(tmp_path / "cache")
+  models.load(path, cache_dir=cache, progress=False)
+  (entry,) = os.listdir(cache)
+  folder = os.path.join(cache, entry)
+  if damage == "marker":
+    os.remove(os.path.join(folder, "COMPLETE"))
+  elif damage == "side_file":
+    with open(os.path.join(folder, "config.json"), "a") as f:
+      f.write(" ")
+  else:  # truncate the largest file of the Orbax state
+    files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "state")) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+      f.truncate(os.path.getsize(biggest) // 2)
+  lm = models.load(path, cache_dir=cache, progress=False)
+  assert "rebuilding the cache" in capsys.readouterr().err
+  np.testing.assert_allclose(np.asarray(lm.logits(IDS)), reference_logits(m, IDS), atol=2e-5)
+  checkpoint.load(folder, lambda files: models._abstract(m.cfg)[1])  # healthy again
+
+
+def test_bad_files(tmp_path):
+  m = tiny.model()
+  wrong = str(tmp_path / "llama.gguf")
+  tiny.write_gguf(wrong, m, arch="llama")
+  with pytest.raises(errors.ModelLoadError, match="architecture 'llama'"):
+    models.load(wrong, cache_dir=str(tmp_path / "c"), progress=False)
+  missing = str(tmp_path / "missing.gguf")
+  tiny.write_gguf(missing, m, drop="blk.3.ffn_up.weight")
+  with pytest.raises(errors.ModelLoadError, match="blk.3.ffn_up.weight"):
+    models.load(missing, cache_dir=str(tmp_path / "c"), progress=False)
+  good = str(tmp_path / "good.gguf")
+  tiny.write_gguf(good, m)
+  truncated = str(tmp_path / "truncated.gguf")
+  with open(good, "rb") as f, open(truncated, "wb") as g:
+    g.write(f.read()[: os.path.getsize(good) // 3])
+  with pytest.raises(errors.ModelLoadError, match="truncated or corrupt"):
+    models.load(truncated, cache_dir=str(tmp_path / "c"), progress=False)
+  with pytest.raises(errors.ModelLoadError, match="known names: gemma3-270m"):
+    models.load("gemma9-1t", cache_dir=str(tmp_path / "c"))
+  with pytest.raises(errors.InputError, match="dtype"):
+    models.load(good, dtype="float8")
+
+
+def test_checkpoint_round_trip_and_checksums(tmp_path):
+  from flax import nnx
+  m = tiny.model(seed=5)
+  state = nnx.state(m)
+  folder = str(tmp_path / "ckpt")
+  checkpoint.save(folder, state, {"a.json": b"{}", "b.bin": b"\x00\x01"})
+  restored, files = checkpoint.load(folder, lambda files: models._abstract(m.cfg)[1])
+  assert files == {"a.json": b"{}", "b.bin": b"\x00\x01"}
+  for x, y in zip(jax_leaves(restored), jax_leaves(state)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with open(os.path.join(folder, "b.bin"), "wb") as f:
+    f.write(b"\x00\x02")
+  with pytest.raises(errors.CheckpointError, match="checksum"):
+    checkpoint.load(folder, lambda files: models._abstract(m.cfg)[1])
+  with pytest.raises(errors.CheckpointError, match="COMPLETE"):
+    checkpoint.load(str(tmp_path / "nothing"), lambda files: None)
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
