@@ -253,3 +253,81 @@ def format_truncation_table(report: dict) -> str:
       cells = "".join((f"{r[c]:21.2f}" if c in r else "-".rjust(21)) for c in cols)
       lines.append(rule.ljust(12) + cells)
   return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBenchmarkConfig:
+  """The packaged model, prefill ``batch × prompt_len``, ``new_tokens`` greedy steps."""
+  model: str = "gemma3-270m"
+  batch: int = 8
+  prompt_len: int = 128
+  new_tokens: int = 32
+  repeats: int = 3
+  peer_python: str | None = ".venv-peer/bin/python"
+
+
+def greedy(lm, ids, new_tokens: int) -> np.ndarray:
+  """Greedy decoding of ``new_tokens`` tokens after ``ids [B, T]``; returns ``[B, new]``."""
+  logits, _, cache = lm.prefill(ids, max_new_tokens=new_tokens)
+  out = []
+  for _ in range(new_tokens):
+    token = jnp.argmax(logits, axis=-1)
+    out.append(token)
+    logits, _, cache = lm.decode(cache, token)
+  return np.asarray(jnp.stack(out, axis=1))
+
+
+def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dict:
+  """Cold and warm load, prefill and greedy-decode throughput, against the PyTorch peer."""
+  import json
+  import subprocess
+  import tempfile
+  from calibjax import models
+  report = {"environment": environment(), "config": dataclasses.asdict(cfg)}
+  ids = np.random.default_rng(0).integers(10, 20000, (cfg.batch, cfg.prompt_len))
+  with tempfile.TemporaryDirectory() as cache:
+    log("cold load (GGUF -> first logits)")
+    start = time.perf_counter()
+    lm = models.load(cfg.model, cache_dir=cache, progress=False)
+    jax.block_until_ready(lm.logits(ids[:1, :8]))
+    report["cold_load_s"] = time.perf_counter() - start
+    log("warm load (cache -> first logits)")
+    start = time.perf_counter()
+    lm = models.load(cfg.model, cache_dir=cache, progress=False)
+    jax.block_until_ready(lm.logits(ids[:1, :8]))
+    report["warm_load_s"] = time.perf_counter() - start
+  report["warm_over_cold"] = report["warm_load_s"] / report["cold_load_s"]
+  log("prefill and decode")
+  prefill_s = best_ms(lambda x: lm.prefill(x, max_new_tokens=cfg.new_tokens), ids,
+                      repeats=cfg.repeats) / 1e3
+  total_s = best_ms(lambda x: greedy(lm, x, cfg.new_tokens), ids, repeats=cfg.repeats) / 1e3
+  report["prefill_tokens_per_s"] = cfg.batch * cfg.prompt_len / prefill_s
+  report["decode_tokens_per_s"] = cfg.batch * cfg.new_tokens / max(total_s - prefill_s, 1e-9)
+  peer_python = cfg.peer_python
+  if peer_python and os.path.exists(peer_python) and cfg.model in models.PACKAGED:
+    log("PyTorch reference (peer environment)")
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers",
+                          "torch_gemma3.py")
+    path = models._resolve(cfg.model)
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "peer.json")
+      proc = subprocess.run([peer_python, script, "time", path, out], capture_output=True,
+                            text=True, timeout=3600, check=False)
+      if proc.returncode == 0:
+        with open(out) as f:
+          peer = json.load(f)
+        report["peer"] = {"available": True, **peer}
+        for k in ("prefill", "decode"):
+          report[f"{k}_calibjax_over_peer"] = (report[f"{k}_tokens_per_s"] /
+                                              peer[f"{k}_tokens_per_s"])
+      else:
+        report["peer"] = {"available": False, "error": proc.stderr[-2000:], "how": PEER_HOW}
+  else:
+    report["peer"] = {"available": False, "how": PEER_HOW}
+  report["targets_met"] = {
+      "decode_calibjax_over_peer>=1": report.get("decode_calibjax_over_peer", 0) >= 1.0
+      if report["peer"]["available"] else None,
+      "prefill_calibjax_over_peer>=0.8": report.get("prefill_calibjax_over_peer", 0) >= 0.8
+      if report["peer"]["available"] else None,
+      "warm_over_cold<=1/3": report["warm_over_cold"] <= 1 / 3}
+  return report

@@ -5,7 +5,7 @@ Command (from the repository root, in the environment of README.md):
 
   python -m experiments.benchmark --out=results/benchmark
 
-Expected runtime: about 2 minutes on a 2-core CPU (most of it the float64 NumPy references).
+Expected runtime: about 5 minutes on a 2-core CPU (most of it the float64 NumPy references).
 Expected output: tables of times (ms) and ratios, and two files:
 - ``metrics.json`` (section ``metrics``): per shape ``floor_ms``, ``calibjax_ms`` (order_stats
   + shape_stats), ``numpy_ref_ms``, ``group_masses16_ms``, the ratios
@@ -14,13 +14,16 @@ Expected output: tables of times (ms) and ratios, and two files:
 - ``truncation.json`` (section ``truncation``): per shape and rule ``calibjax_ms`` (one
   value), ``calibjax_sweep32_ms``, ``numpy_ref_ms``, ``peer_ms`` and ``peer_over_calibjax``
   (PyTorch warpers in ``.venv-peer``; when it is absent the report says how to create it),
-  ``calibjax_over_floor``, ``sweep32_over_one``, targets met at [64, 262144].
-Both record versions, backend and device.
+  ``calibjax_over_floor``, ``sweep32_over_one``, targets met at [64, 262144];
+- ``model.json`` (section ``model``): cold load (GGUF → first logits) and warm load (cache →
+  first logits) seconds, prefill of 8 × 128 tokens and greedy decoding of 32 tokens for a
+  batch of 8 in tokens/s, and the same for the PyTorch Gemma 3 (``calibjax_over_peer``).
+All record versions, backend and device.
 """
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from calibjax import benchmarking
 from calibjax.results import write_json_atomic
@@ -31,8 +34,8 @@ _N_VALID = flags.DEFINE_integer("n_valid", 50, "Valid tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed runs of the NumPy reference.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs.")
-_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation"],
-                                    ["metrics", "truncation"], "Sections to run.")
+_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation", "model"],
+                                    ["metrics", "truncation", "model"], "Sections to run.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-peer/bin/python",
                                    "Python of the PyTorch peer environment ('' to skip).")
 
@@ -47,6 +50,7 @@ def _parse_shape(text: str) -> tuple[int, int]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
   shapes = tuple(_parse_shape(s) for s in _SHAPES.value)
   if "metrics" in _SECTIONS.value:
     cfg = benchmarking.MetricsBenchmarkConfig(
@@ -63,6 +67,14 @@ def main(argv):
     report = benchmarking.run_truncation_benchmark(cfg)
     path = write_json_atomic(os.path.join(_OUT.value, "truncation.json"), report)
     print(benchmarking.format_truncation_table(report))
+    print(f"wrote {path}")
+  if "model" in _SECTIONS.value:
+    report = benchmarking.run_model_benchmark(
+        benchmarking.ModelBenchmarkConfig(peer_python=_PEER_PYTHON.value or None))
+    path = write_json_atomic(os.path.join(_OUT.value, "model.json"), report)
+    keys = ("cold_load_s", "warm_load_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+            "prefill_calibjax_over_peer", "decode_calibjax_over_peer")
+    print("\n".join(f"{k:28s} {report[k]:.2f}" for k in keys if k in report))
     print(f"wrote {path}")
 
 

@@ -110,7 +110,10 @@ class Attention(nnx.Module):
     self.scaling = cfg.scaling
     self.shape = (h, kv, hd)
 
-  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
+  def __call__(self, x, pos, k_all, v_all, layer, kpos, index):
+    """``k_all``/``v_all``: the whole cache ``[L, B, S, KV, hd]``; this layer writes its new
+    keys/values at ``[layer, :, index]`` in place (the cache buffer is donated) and attends
+    over its slice."""
     b, t, _ = x.shape
     h, kv, hd = self.shape
     q = self.q_norm((x @ self.q_proj[...]).reshape(b, t, h, hd))
@@ -118,9 +121,10 @@ class Attention(nnx.Module):
     v = (x @ self.v_proj[...]).reshape(b, t, kv, hd)
     q, k = rope(q, pos, self.base, self.scale), rope(k, pos, self.base, self.scale)
     zero = jnp.zeros((), index.dtype)
-    at = (zero, index, zero, zero)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+    at = (jnp.asarray(layer, index.dtype), zero, index, zero, zero)
+    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+    k_cache, v_cache = k_all[layer], v_all[layer]
     q = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->btkgs", q, k_cache,
                         preferred_element_type=jnp.float32) * self.scaling
@@ -131,7 +135,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, :, None, None, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("btkgs,bskd->btkgd", probs, v_cache).reshape(b, t, h * hd)
-    return out @ self.o_proj[...], k_cache, v_cache
+    return out @ self.o_proj[...], k_all, v_all
 
 
 class MLP(nnx.Module):
@@ -153,11 +157,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.post_ffw_norm = RMSNorm(cfg.hidden, cfg.eps)
 
-  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
-    a, k_cache, v_cache = self.attn(self.input_norm(x), pos, k_cache, v_cache, kpos, index)
+  def __call__(self, x, pos, k_all, v_all, layer, kpos, index):
+    a, k_all, v_all = self.attn(self.input_norm(x), pos, k_all, v_all, layer, kpos, index)
     x = x + self.post_attn_norm(a)
     x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-    return x, k_cache, v_cache
+    return x, k_all, v_all
 
 
 class Gemma3(nnx.Module):
@@ -179,12 +183,10 @@ class Gemma3(nnx.Module):
     pos = jnp.where(mask, start + jnp.cumsum(mask, axis=-1) - 1, -1).astype(jnp.int32)
     kpos = jax.lax.dynamic_update_slice(cache.pos, pos, (jnp.zeros((), cache.index.dtype),
                                                           cache.index))
-    ks, vs = [], []
+    k_all, v_all = cache.k, cache.v
     for i, block in enumerate(self.blocks):
-      x, k, v = block(x, pos, cache.k[i], cache.v[i], kpos, cache.index)
-      ks.append(k)
-      vs.append(v)
+      x, k_all, v_all = block(x, pos, k_all, v_all, i, kpos, cache.index)
     hidden = self.final_norm(x)
     logits = jnp.einsum("btd,vd->btv", hidden, emb, preferred_element_type=jnp.float32)
-    new = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), pos=kpos, index=cache.index + ids.shape[1])
+    new = KVCache(k=k_all, v=v_all, pos=kpos, index=cache.index + ids.shape[1])
     return logits, hidden, new

@@ -39,7 +39,7 @@ class LanguageModel:
     self._graph, self._state = nnx.split(model)
     self.dtype = jax.tree.leaves(self._state)[0].dtype
 
-  @functools.partial(jax.jit, static_argnums=(0, 4))
+  @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnames=("cache",))
   def _forward(self, state, ids, mask, size, cache=None):
     model = nnx.merge(self._graph, state)
     if cache is None:
@@ -80,7 +80,10 @@ class LanguageModel:
     return take(logits), take(hidden), cache
 
   def decode(self, cache: KVCache, tokens):
-    """Appends one token per row; returns its logits ``[B, V]``, hidden ``[B, d]``, cache."""
+    """Appends one token per row; returns its logits ``[B, V]``, hidden ``[B, d]``, cache.
+
+    The cache is updated in place: the ``cache`` passed in is consumed (donated), use the
+    one returned."""
     if int(cache.index) >= cache.pos.shape[1]:
       raise errors.InputError(f"the cache is full ({cache.pos.shape[1]} slots); prefill with "
                               "a larger max_new_tokens.")
