@@ -42,11 +42,12 @@ def test_log_probabilities_match_the_reference(lm):
   """max |Δ log p| over the reference's top-100 tokens, and the argmax, at every position.
 
   Within the 512-token sliding window calibjax meets 2e-3 against both the float32 and the
-  float64 reference (measured 1.7e-4). Past it, on the 963-token prompt, isolated positions
-  with a peaked distribution (top log p ≈ -1e-3, the 100th token near -20) reach 2.85e-3
-  against the float32 reference and 4.7e-3 against the float64 one, while the float32 and
-  float64 references differ from each other by 4.0e-3 there: the bound checked past the
-  window is 5e-3 (an open item, see BUILD_NOTES.md), and the argmax must agree everywhere.
+  float64 reference (measured 1.7e-4). Past it, on the 963-token prompt, a few positions with
+  a peaked distribution (the 100th token near log p = -20) reach 2.85e-3 against the float32
+  reference and 4.7e-3 against the float64 one: one RoPE inverse frequency differs by one
+  float32 ulp between XLA's and PyTorch's pow, and those positions amplify it (with the
+  reference's table: 4.1e-4; see BUILD_NOTES.md). Past the window the bound is 5e-3; the
+  argmax must agree everywhere.
   """
   for p in PROMPTS:
     ids = DATA[f"{p}/ids"]
