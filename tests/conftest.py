@@ -8,3 +8,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+  # After a deliberately damaged checkpoint fails to restore, Orbax leaves read coroutines
+  # that are garbage-collected later, in whichever test runs then.
+  config.addinivalue_line(
+      "filterwarnings",
+      "ignore:Exception ignored in.*_read_array_index_and_device_put"
+      ":pytest.PytestUnraisableExceptionWarning")

@@ -1,7 +1,8 @@
-"""Language models: ``load("gemma3-270m")`` or ``load(path_to.gguf)``.
+"""Language models: ``load("gemma3-270m")``, ``load(path_to.gguf)`` or ``load(hf_dir)``.
 
-The first load of a GGUF file dequantises it, and saves the parameters, config and tokenizer
-as a checkpoint in the cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else
+The first load of a GGUF file (or a Hugging Face directory: ``config.json``,
+``*.safetensors``, ``tokenizer.model``) converts it, and saves the parameters, config and
+tokenizer as a checkpoint in the cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else
 ``~/.cache/calibjax``); later loads restore that checkpoint. A partial or corrupt cache entry
 is reported on stderr and rebuilt from the GGUF file.
 """
@@ -40,13 +41,10 @@ def _resolve(name_or_path: str) -> str:
   if name_or_path in PACKAGED:
     import importlib
     return importlib.import_module(PACKAGED[name_or_path]).assemble()
-  if os.path.isdir(name_or_path):
+  if not os.path.exists(name_or_path):
     raise errors.ModelLoadError(
-        f"{name_or_path}: Hugging Face directories (safetensors) are not supported yet; "
-        "pass a .gguf file or one of " + ", ".join(PACKAGED) + ".")
-  if not os.path.isfile(name_or_path):
-    raise errors.ModelLoadError(
-        f"unknown model {name_or_path!r}: not a file; known names: {', '.join(PACKAGED)}.")
+        f"unknown model {name_or_path!r}: not a file or directory; known names: "
+        f"{', '.join(PACKAGED)}.")
   return name_or_path
 
 
@@ -54,17 +52,26 @@ def _abstract(cfg: Gemma3Config):
   return nnx.split(nnx.eval_shape(lambda: Gemma3(cfg, nnx.Rngs(0))))
 
 
-def _from_gguf(path: str, progress: bool):
+def _read(path: str, progress: bool):
+  """(config, tokenizer fields, float32 params by NNX path) of a GGUF file or HF folder."""
+  if os.path.isdir(path):
+    from calibjax.models import hf_checkpoint
+    cfg = hf_checkpoint.read_config(path)
+    return cfg, hf_checkpoint.read_tokenizer_fields(path), hf_checkpoint.read_params(path, cfg)
   from calibjax.models import gguf
   reader = gguf._reader(path)
   cfg = gguf.read_config(reader, path)
-  tok = gguf.read_tokenizer_fields(reader, path)
   bar = None
   if progress:
     from tqdm import tqdm
     bar = lambda items: tqdm(items, desc=f"dequantising {os.path.basename(path)}",
                              file=sys.stderr)
-  params = gguf.read_params(reader, cfg, path, bar)
+  return cfg, gguf.read_tokenizer_fields(reader, path), gguf.read_params(reader, cfg, path, bar)
+
+
+def _convert(path: str, progress: bool):
+  """Reads a checkpoint into an NNX state (shape-checked) and the cache's side files."""
+  cfg, tok, params = _read(path, progress)
   graph, state = _abstract(cfg)
   pure = nnx.to_pure_dict(state)
   for key, value in params.items():
@@ -79,14 +86,23 @@ def _from_gguf(path: str, progress: bool):
     node[leaf] = jnp.asarray(value)
   nnx.replace_by_pure_dict(state, pure)
   files = {"config.json": json.dumps(dataclasses.asdict(cfg)).encode(),
-           "tokenizer.json": json.dumps({**tok, "scores": tok["scores"].tolist(),
-                                         "types": tok["types"].tolist()}).encode()}
+           "tokenizer.json": json.dumps({**tok, "scores": np.asarray(tok["scores"]).tolist(),
+                                         "types": np.asarray(tok["types"]).tolist()}).encode()}
   return cfg, graph, state, files
+
+
+def _stamp(path: str) -> str:
+  """Cache key part: size and mtime of the file, or of the folder's files."""
+  files = [path] if os.path.isfile(path) else sorted(
+      os.path.join(path, f) for f in os.listdir(path))
+  stats = [os.stat(f) for f in files]
+  return f"{sum(s.st_size for s in stats)}-{int(max(s.st_mtime for s in stats))}"
 
 
 def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
          dtype: str = "float32", progress: bool = True) -> LanguageModel:
-  """Loads a Gemma 3 model by name (``"gemma3-270m"``: the packaged GGUF) or GGUF path.
+  """Loads a Gemma 3 model by name (``"gemma3-270m"``: the packaged GGUF), GGUF file path, or
+  Hugging Face directory.
 
   Args:
     cache_dir: where converted checkpoints live (see the module docstring).
@@ -100,9 +116,8 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
   if dtype not in DTYPES:
     raise errors.InputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
   path = _resolve(name_or_path)
-  st = os.stat(path)
-  stem = os.path.splitext(os.path.basename(path))[0]
-  folder = os.path.join(cache_dir or default_cache_dir(), f"{stem}-{st.st_size}-{int(st.st_mtime)}")
+  stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+  folder = os.path.join(cache_dir or default_cache_dir(), f"{stem}-{_stamp(path)}")
   holder = {}
 
   def abstract(files):
@@ -116,7 +131,7 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
   except errors.CheckpointError as e:
     if os.path.exists(folder):
       print(f"calibjax: rebuilding the cache of {path}: {e}", file=sys.stderr)
-    cfg, graph, state, files = _from_gguf(path, progress)
+    cfg, graph, state, files = _convert(path, progress)
     checkpoint.save(folder, state, files)
   tok = json.loads(files["tokenizer.json"])
   tokenizer = Tokenizer(tok["tokens"], np.asarray(tok["scores"], np.float32),

@@ -37,7 +37,8 @@ class Tokenizer:
     ns.add_dummy_prefix = False
     ns.remove_extra_whitespaces = False
     ns.escape_whitespaces = True
-    self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    self.model_proto = proto.SerializeToString()  # a SentencePiece `tokenizer.model`
+    self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     self.vocab = list(tokens)
     self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
     self.types = types

@@ -1,5 +1,6 @@
 """Loading: GGUF files the tests write, the Orbax cache (warm, partial, corrupt), errors."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -36,14 +37,12 @@ def test_cold_then_warm_load(gguf_file, tmp_path, monkeypatch):
   assert lm.config == m.cfg and lm.vocab == tiny.TOKENS
   np.testing.assert_allclose(np.asarray(lm.logits(IDS)), reference_logits(m, IDS), atol=2e-5)
   # the warm load restores the checkpoint and never reads the GGUF tensors
-  monkeypatch.setattr(models, "_from_gguf", lambda *a: pytest.fail("GGUF read again"))
+  monkeypatch.setattr(models, "_convert", lambda *a: pytest.fail("GGUF read again"))
   warm = models.load(path, cache_dir=cache, progress=False)
   np.testing.assert_array_equal(np.asarray(warm.logits(IDS)), np.asarray(lm.logits(IDS)))
   assert warm.tokenizer.encode("ab a") == lm.tokenizer.encode("ab a")
 
 
-# Orbax leaves unraisable warnings behind when a damaged state fails to restore.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["marker", "side_file", "state"])
 def test_partial_or_corrupt_cache_is_rebuilt(gguf_file, tmp_path, capsys, damage):
   path, m = gguf_file
@@ -88,6 +87,20 @@ def test_bad_files(tmp_path):
     models.load("gemma9-1t", cache_dir=str(tmp_path / "c"))
   with pytest.raises(errors.InputError, match="dtype"):
     models.load(good, dtype="float8")
+
+
+def test_hugging_face_directory(tmp_path):
+  """A tiny HF-format checkpoint written here: config.json, safetensors, tokenizer.model."""
+  m = tiny.model(seed=6)
+  folder = tmp_path / "hf"
+  tiny.write_hf(str(folder), m)
+  lm = models.load(str(folder), cache_dir=str(tmp_path / "cache"), progress=False)
+  assert lm.config == dataclasses.replace(m.cfg, query_pre_attn_scalar=m.cfg.head_dim)
+  np.testing.assert_allclose(np.asarray(lm.logits(IDS)), reference_logits(m, IDS), atol=2e-5)
+  assert lm.tokenizer.encode("ab a  b é") == tiny.tokenizer().encode("ab a  b é")
+  (folder / "model.safetensors").write_bytes(b"\x00" * 10)
+  with pytest.raises(errors.ModelLoadError, match="cannot be read"):
+    models.load(str(folder), cache_dir=str(tmp_path / "cache2"), progress=False)
 
 
 def test_checkpoint_round_trip_and_checksums(tmp_path):

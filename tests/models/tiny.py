@@ -30,6 +30,47 @@ def model(seed: int = 0, cfg: Gemma3Config = CONFIG) -> Gemma3:
   return m
 
 
+def _params(m: Gemma3):
+  state = nnx.to_pure_dict(nnx.state(m))
+
+  def get(key):
+    node = state
+    for k in key.split("."):
+      node = node[int(k) if k.isdigit() else k]
+    return np.asarray(node, np.float32)
+  return get
+
+
+def write_hf(folder: str, m: Gemma3) -> None:
+  """Writes ``m`` as a Hugging Face Gemma 3 directory (text model, HF tensor names)."""
+  import json
+  import os
+  from safetensors.numpy import save_file
+  from calibjax.models.hf_checkpoint import _LAYER
+  cfg = m.cfg
+  os.makedirs(folder, exist_ok=True)
+  config = {"model_type": "gemma3_text", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden, "num_hidden_layers": cfg.layers,
+            "intermediate_size": cfg.ffn, "num_attention_heads": cfg.heads,
+            "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+            "rms_norm_eps": cfg.eps, "sliding_window": cfg.sliding_window,
+            "rope_theta": cfg.rope_global, "rope_local_base_freq": cfg.rope_local,
+            "query_pre_attn_scalar": cfg.head_dim, "max_position_embeddings": cfg.context_length,
+            "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention"
+                            for i in range(cfg.layers)]}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f)
+  get = _params(m)
+  tensors = {"model.embed_tokens.weight": get("embed"), "model.norm.weight": get("final_norm.weight")}
+  for i in range(cfg.layers):
+    for name, (target, transpose) in _LAYER.items():
+      t = get(f"blocks.{i}.{target}")
+      tensors[f"model.layers.{i}.{name}"] = np.ascontiguousarray(t.T) if transpose else t
+  save_file(tensors, os.path.join(folder, "model.safetensors"))
+  with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+    f.write(tokenizer().model_proto)
+
+
 def write_gguf(path: str, m: Gemma3, arch: str = "gemma3", drop: str | None = None) -> None:
   """Writes ``m`` as GGUF (F32 tensors, llama.cpp's layout and 1 + w norms)."""
   import gguf
@@ -55,14 +96,7 @@ def write_gguf(path: str, m: Gemma3, arch: str = "gemma3", drop: str | None = No
   w.add_eos_token_id(1)
   w.add_unk_token_id(3)
   w.add_pad_token_id(0)
-  state = nnx.to_pure_dict(nnx.state(m))
-
-  def get(key):
-    node = state
-    for k in key.split("."):
-      node = node[int(k) if k.isdigit() else k]
-    return np.asarray(node, np.float32)
-
+  get = _params(m)
   tensors = {"token_embd.weight": get("embed"), "output_norm.weight": get("final_norm.weight") + 1}
   for i in range(cfg.layers):
     for name, (target, kind) in _BLOCK.items():
