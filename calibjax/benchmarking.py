@@ -158,7 +158,6 @@ RULE_VALUES = {
     "typical": (0.9, np.linspace(0.5, 0.99, 32)),
     "top_n_sigma": (1.0, np.linspace(0.25, 4.0, 32)),
 }
-PEER_RULES = ("top_p", "min_p", "typical", "eta")  # as timed by experiments/peers
 PEER_HOW = "bash experiments/peers/setup_peer_env.sh  (creates .venv-peer: torch + transformers)"
 
 
@@ -172,26 +171,35 @@ class TruncationBenchmarkConfig:
   peer_python: str | None = ".venv-peer/bin/python"
 
 
-def _peer_times(z: np.ndarray, peer_python: str | None, log: Callable) -> dict:
-  """Times the PyTorch warpers on ``z`` in the peer environment (a subprocess)."""
+def run_peer(script: str, args: list[str], peer_python: str | None, log: Callable) -> dict:
+  """Runs ``experiments/peers/<script> <args...> OUT.json`` in the peer environment and
+  returns ``{"available": True, **OUT}``, or ``{"available": False, "how": ...}`` when the
+  environment is missing or the run fails (with its error)."""
   import json
   import subprocess
   import tempfile
-  script = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers",
-                        "torch_warpers.py")
   if not peer_python or not os.path.exists(peer_python):
     log(f"peer environment {peer_python} not found; to create it: {PEER_HOW}")
     return {"available": False, "how": PEER_HOW}
+  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers", script)
   with tempfile.TemporaryDirectory() as tmp:
-    inputs, out = os.path.join(tmp, "inputs.npz"), os.path.join(tmp, "peer.json")
-    np.savez(inputs, logits=z)
-    proc = subprocess.run([peer_python, script, "time", inputs, out], capture_output=True,
-                          text=True, timeout=1800, check=False)
+    out = os.path.join(tmp, "peer.json")
+    proc = subprocess.run([peer_python, path, *args, out], capture_output=True, text=True,
+                          timeout=3600, check=False)
     if proc.returncode != 0:
       log(f"peer failed: {proc.stderr[-2000:]}")
       return {"available": False, "error": proc.stderr[-2000:], "how": PEER_HOW}
     with open(out) as f:
       return {"available": True, **json.load(f)}
+
+
+def _peer_warper_times(z: np.ndarray, peer_python: str | None, log: Callable) -> dict:
+  """Times the PyTorch warpers on ``z`` (saved to a temporary file for the peer)."""
+  import tempfile
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs = os.path.join(tmp, "inputs.npz")
+    np.savez(inputs, logits=z)
+    return run_peer("torch_warpers.py", ["time", inputs], peer_python, log)
 
 
 def run_truncation_benchmark(cfg: TruncationBenchmarkConfig, log: Callable = print) -> dict:
@@ -224,7 +232,7 @@ def run_truncation_benchmark(cfg: TruncationBenchmarkConfig, log: Callable = pri
       r["numpy_ref_over_calibjax"] = r["numpy_ref_ms"] / r["calibjax_ms"]
       row["rules"][rule] = r
     log(f"[{name}] PyTorch warpers (peer environment)")
-    peer = _peer_times(z_np, cfg.peer_python, log)
+    peer = _peer_warper_times(z_np, cfg.peer_python, log)
     row["peer"] = {k: v for k, v in peer.items() if k != "ms"}
     for rule, ms in peer.get("ms", {}).items():
       row["rules"][rule]["peer_ms"] = ms
@@ -279,8 +287,6 @@ def greedy(lm, ids, new_tokens: int) -> np.ndarray:
 
 def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dict:
   """Cold and warm load, prefill and greedy-decode throughput, against the PyTorch peer."""
-  import json
-  import subprocess
   import tempfile
   from calibjax import models
   report = {"environment": environment(), "config": dataclasses.asdict(cfg)}
@@ -303,27 +309,14 @@ def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dic
   total_s = best_ms(lambda x: greedy(lm, x, cfg.new_tokens), ids, repeats=cfg.repeats) / 1e3
   report["prefill_tokens_per_s"] = cfg.batch * cfg.prompt_len / prefill_s
   report["decode_tokens_per_s"] = cfg.batch * cfg.new_tokens / max(total_s - prefill_s, 1e-9)
-  peer_python = cfg.peer_python
-  if peer_python and os.path.exists(peer_python) and cfg.model in models.PACKAGED:
-    log("PyTorch reference (peer environment)")
-    script = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers",
-                          "torch_gemma3.py")
-    path = models._resolve(cfg.model)
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "peer.json")
-      proc = subprocess.run([peer_python, script, "time", path, out], capture_output=True,
-                            text=True, timeout=3600, check=False)
-      if proc.returncode == 0:
-        with open(out) as f:
-          peer = json.load(f)
-        report["peer"] = {"available": True, **peer}
-        for k in ("prefill", "decode"):
-          report[f"{k}_calibjax_over_peer"] = (report[f"{k}_tokens_per_s"] /
-                                              peer[f"{k}_tokens_per_s"])
-      else:
-        report["peer"] = {"available": False, "error": proc.stderr[-2000:], "how": PEER_HOW}
-  else:
-    report["peer"] = {"available": False, "how": PEER_HOW}
+  log("PyTorch reference (peer environment)")
+  peer = run_peer("torch_gemma3.py", ["time", models._resolve(cfg.model)], cfg.peer_python,
+                  log)
+  report["peer"] = peer
+  if peer["available"]:
+    for k in ("prefill", "decode"):
+      report[f"{k}_calibjax_over_peer"] = (report[f"{k}_tokens_per_s"] /
+                                          peer[f"{k}_tokens_per_s"])
   report["targets_met"] = {
       "decode_calibjax_over_peer>=1": report.get("decode_calibjax_over_peer", 0) >= 1.0
       if report["peer"]["available"] else None,

@@ -48,34 +48,33 @@ def _parse_shape(text: str) -> tuple[int, int]:
     raise app.UsageError(f"--shapes entries look like 64x262144, got {text!r}") from None
 
 
+def _write(name: str, report: dict, text: str) -> None:
+  path = write_json_atomic(os.path.join(_OUT.value, name), report)
+  print(text)
+  print(f"wrote {path}")
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
   shapes = tuple(_parse_shape(s) for s in _SHAPES.value)
+  peer = _PEER_PYTHON.value or None
   if "metrics" in _SECTIONS.value:
-    cfg = benchmarking.MetricsBenchmarkConfig(
+    report = benchmarking.run_metrics_benchmark(benchmarking.MetricsBenchmarkConfig(
         shapes=shapes, n_valid=_N_VALID.value, repeats=_REPEATS.value,
-        numpy_repeats=_NUMPY_REPEATS.value, seed=_SEED.value)
-    report = benchmarking.run_metrics_benchmark(cfg)
-    path = write_json_atomic(os.path.join(_OUT.value, "metrics.json"), report)
-    print(benchmarking.format_table(report))
-    print(f"wrote {path}")
+        numpy_repeats=_NUMPY_REPEATS.value, seed=_SEED.value))
+    _write("metrics.json", report, benchmarking.format_table(report))
   if "truncation" in _SECTIONS.value:
-    cfg = benchmarking.TruncationBenchmarkConfig(
+    report = benchmarking.run_truncation_benchmark(benchmarking.TruncationBenchmarkConfig(
         shapes=shapes, repeats=_REPEATS.value, numpy_repeats=_NUMPY_REPEATS.value,
-        seed=_SEED.value, peer_python=_PEER_PYTHON.value or None)
-    report = benchmarking.run_truncation_benchmark(cfg)
-    path = write_json_atomic(os.path.join(_OUT.value, "truncation.json"), report)
-    print(benchmarking.format_truncation_table(report))
-    print(f"wrote {path}")
+        seed=_SEED.value, peer_python=peer))
+    _write("truncation.json", report, benchmarking.format_truncation_table(report))
   if "model" in _SECTIONS.value:
-    report = benchmarking.run_model_benchmark(
-        benchmarking.ModelBenchmarkConfig(peer_python=_PEER_PYTHON.value or None))
-    path = write_json_atomic(os.path.join(_OUT.value, "model.json"), report)
+    report = benchmarking.run_model_benchmark(benchmarking.ModelBenchmarkConfig(peer_python=peer))
     keys = ("cold_load_s", "warm_load_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "prefill_calibjax_over_peer", "decode_calibjax_over_peer")
-    print("\n".join(f"{k:28s} {report[k]:.2f}" for k in keys if k in report))
-    print(f"wrote {path}")
+    _write("model.json", report,
+           "\n".join(f"{k:28s} {report[k]:.2f}" for k in keys if k in report))
 
 
 if __name__ == "__main__":
