@@ -52,17 +52,19 @@ class Gemma3Config:
 
 @struct.dataclass
 class KVCache:
-  """Keys/values ``[L, B, S, KV, hd]``, the position of each slot ``[B, S]`` (−1: empty or
+  """Per layer keys/values ``[B, S, KV, hd]`` (tuples of L arrays: a step updates each in
+  place without copying the others), the position of each slot ``[B, S]`` (−1: empty or
   padding) and the next slot to write."""
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   pos: jax.Array
   index: jax.Array
 
   @classmethod
   def empty(cls, cfg: Gemma3Config, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-    shape = (cfg.layers, batch, size, cfg.kv_heads, cfg.head_dim)
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+    shape = (batch, size, cfg.kv_heads, cfg.head_dim)
+    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
+               v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
                pos=jnp.full((batch, size), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
@@ -110,10 +112,9 @@ class Attention(nnx.Module):
     self.scaling = cfg.scaling
     self.shape = (h, kv, hd)
 
-  def __call__(self, x, pos, k_all, v_all, layer, kpos, index):
-    """``k_all``/``v_all``: the whole cache ``[L, B, S, KV, hd]``; this layer writes its new
-    keys/values at ``[layer, :, index]`` in place (the cache buffer is donated) and attends
-    over its slice."""
+  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
+    """Writes this call's keys/values into the layer's cache ``[B, S, KV, hd]`` at ``index``
+    (in place when the buffer is donated) and attends over the whole cache."""
     b, t, _ = x.shape
     h, kv, hd = self.shape
     q = self.q_norm((x @ self.q_proj[...]).reshape(b, t, h, hd))
@@ -121,10 +122,9 @@ class Attention(nnx.Module):
     v = (x @ self.v_proj[...]).reshape(b, t, kv, hd)
     q, k = rope(q, pos, self.base, self.scale), rope(k, pos, self.base, self.scale)
     zero = jnp.zeros((), index.dtype)
-    at = (jnp.asarray(layer, index.dtype), zero, index, zero, zero)
-    k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
-    v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
-    k_cache, v_cache = k_all[layer], v_all[layer]
+    at = (zero, index, zero, zero)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
     q = q.reshape(b, t, kv, h // kv, hd)
     scores = jnp.einsum("btkgd,bskd->btkgs", q, k_cache,
                         preferred_element_type=jnp.float32) * self.scaling
@@ -135,7 +135,7 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, :, None, None, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("btkgs,bskd->btkgd", probs, v_cache).reshape(b, t, h * hd)
-    return out @ self.o_proj[...], k_all, v_all
+    return out @ self.o_proj[...], k_cache, v_cache
 
 
 class MLP(nnx.Module):
@@ -157,11 +157,11 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
     self.post_ffw_norm = RMSNorm(cfg.hidden, cfg.eps)
 
-  def __call__(self, x, pos, k_all, v_all, layer, kpos, index):
-    a, k_all, v_all = self.attn(self.input_norm(x), pos, k_all, v_all, layer, kpos, index)
+  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
+    a, k_cache, v_cache = self.attn(self.input_norm(x), pos, k_cache, v_cache, kpos, index)
     x = x + self.post_attn_norm(a)
     x = x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
-    return x, k_all, v_all
+    return x, k_cache, v_cache
 
 
 class Gemma3(nnx.Module):
@@ -183,10 +183,12 @@ class Gemma3(nnx.Module):
     pos = jnp.where(mask, start + jnp.cumsum(mask, axis=-1) - 1, -1).astype(jnp.int32)
     kpos = jax.lax.dynamic_update_slice(cache.pos, pos, (jnp.zeros((), cache.index.dtype),
                                                           cache.index))
-    k_all, v_all = cache.k, cache.v
-    for i, block in enumerate(self.blocks):
-      x, k_all, v_all = block(x, pos, k_all, v_all, i, kpos, cache.index)
+    ks, vs = [], []
+    for block, k, v in zip(self.blocks, cache.k, cache.v):
+      x, k, v = block(x, pos, k, v, kpos, cache.index)
+      ks.append(k)
+      vs.append(v)
     hidden = self.final_norm(x)
     logits = jnp.einsum("btd,vd->btv", hidden, emb, preferred_element_type=jnp.float32)
-    new = KVCache(k=k_all, v=v_all, pos=kpos, index=cache.index + ids.shape[1])
+    new = KVCache(k=tuple(ks), v=tuple(vs), pos=kpos, index=cache.index + ids.shape[1])
     return logits, hidden, new
