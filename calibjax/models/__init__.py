@@ -4,7 +4,7 @@ The first load of a GGUF file (or a Hugging Face directory: ``config.json``,
 ``*.safetensors``, ``tokenizer.model``) converts it, and saves the parameters, config and
 tokenizer as a checkpoint in the cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else
 ``~/.cache/calibjax``); later loads restore that checkpoint. A partial or corrupt cache entry
-is reported on stderr and rebuilt from the GGUF file.
+is reported on stderr and rebuilt from the source checkpoint.
 """
 
 from __future__ import annotations
