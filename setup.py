@@ -29,6 +29,7 @@ setup(
     description="Validity–diversity calibration of language models, in JAX",
     python_requires=">=3.12",
     packages=find_packages(include=["calibjax", "calibjax.*", "kernels", "kernels.*"]),
+    package_data={"calibjax": ["task_suite/*.json"]},
     install_requires=STACK,
     extras_require={
         "test": ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-xdist==3.8.0"],

@@ -29,3 +29,7 @@ class ModelLoadError(CalibjaxError):
 
 class CheckpointError(CalibjaxError):
   """A cached checkpoint is missing, partial or corrupt (it is rebuilt, never used)."""
+
+
+class TaskError(InputError):
+  """A task file or task specification is malformed (the message names file and field)."""
