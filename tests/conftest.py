@@ -5,9 +5,18 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def gemma(tmp_path_factory):
+  """The packaged Gemma 3 270M, converted once per test session into a temporary cache."""
+  import calibjax.models as models
+  return models.load("gemma3-270m", cache_dir=str(tmp_path_factory.mktemp("cache")),
+                     progress=False)
 
 
 def pytest_configure(config):

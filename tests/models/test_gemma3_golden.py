@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 
-import calibjax.models as models
 
 DATA = np.load(os.path.join(os.path.dirname(__file__), os.pardir, "data", "gemma3_golden.npz"))
 PROMPTS = sorted({k.split("/")[0] for k in DATA.files if k.startswith("prompt")})
@@ -19,9 +18,8 @@ CORPUS = sorted({k.split("/")[0] for k in DATA.files if k.startswith("corpus")})
 
 
 @pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-  return models.load("gemma3-270m", cache_dir=str(tmp_path_factory.mktemp("cache")),
-                     progress=False)
+def lm(gemma):
+  return gemma
 
 
 def test_tokenizer_matches_the_reference(lm):
