@@ -1,0 +1,84 @@
+"""The exact engine against a brute-force enumeration with independent pieces (a string-prefix
+oracle and full forwards), on a tiny model; the accounting identity; the real model."""
+
+import numpy as np
+import pytest
+
+from calibjax import sequence, tasks, truncation
+from calibjax.models import LanguageModel
+from calibjax.validity import token_bytes
+from tests.models import tiny
+
+TASK = tasks.from_dict({"name": "tiny", "description": "", "prompts": ["a b"],
+                        "answers": ["ab", "b", "a"], "terminators": ["\n", "."]})
+SAMPLERS = ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "oracle_set"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return LanguageModel(tiny.model(seed=7), tiny.tokenizer(), "tiny")
+
+
+def brute_force(lm, task, sampler):
+  """P_S(answer) by depth-first enumeration of every valid token sequence."""
+  tok = lm.tokenizer
+  tb = token_bytes(tok.vocab, tok.types)
+  full = {(l + a + x).encode(): i for l in task.leading for i, a in enumerate(task.answers)
+          for x in task.terminators}
+  complete = {(l + a).encode(): i for l in task.leading for i, a in enumerate(task.answers)}
+  prefixes = {s[:k] for s in full for k in range(1, len(s) + 1)}
+  spec = truncation.Sampler.parse(sampler)
+  out = np.zeros(len(task.answers))
+  prompt = tok.encode(task.prompts[0])
+
+  def visit(path, text, prob):
+    z = np.asarray(lm.logits(np.array([prompt + path]))[0, -1], np.float32)
+    valid = np.array([b is not None and b != b"" and text + b in prefixes for b in tb])
+    valid[tok.eos_id] = text in complete
+    p = sequence._sampler_probs(z[None], valid[None], spec)[0]
+    for v in np.flatnonzero(valid):
+      if p[v] == 0:
+        continue
+      if v == tok.eos_id:
+        out[complete[text]] += prob * p[v]
+      elif text + tb[v] in full:
+        out[full[text + tb[v]]] += prob * p[v]
+      else:
+        visit(path + [int(v)], text + tb[v], prob * p[v])
+
+  visit([], b"", 1.0)
+  return out
+
+
+def test_exact_equals_brute_force_on_a_tiny_model(lm):
+  res = sequence.exact(lm, TASK, SAMPLERS, bound=0.0, progress=False)
+  assert res.bound_reached and res.nodes_expanded > 10
+  for s, r in zip(SAMPLERS, res.samplers):
+    want = brute_force(lm, TASK, s)
+    np.testing.assert_allclose(r.answer_probs, want, rtol=1e-5, atol=1e-9, err_msg=s)
+    assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-6)
+  oracle = res.samplers[-1]
+  assert oracle.seq_validity == pytest.approx(1.0, abs=1e-6) and oracle.invalid_mass < 1e-9
+
+
+def test_bound_and_metrics(lm):
+  res = sequence.exact(lm, TASK, ["t=1"], bound=0.05, progress=False)
+  r = res.samplers[0]
+  assert r.unexplored_mass <= 0.05 and res.bound_reached
+  assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-6)
+  p = r.answer_probs
+  assert r.coverage[1] == pytest.approx(p.sum() / 3)
+  assert r.coverage[10] == pytest.approx(np.sum(1 - (1 - p) ** 10) / 3)
+  cond = p / p.sum()
+  assert r.entropy == pytest.approx(-np.sum(cond * np.log(cond)))
+  assert r.kl_to_target == pytest.approx(np.sum(np.log((1 / 3) / cond)) / 3)
+
+
+def test_packaged_model_us_states(gemma):
+  task = tasks.load("coin_flip")
+  res = sequence.exact(gemma, task, ["t=1", "top_p=0.9", "oracle_set,t=2"], bound=1e-3,
+                       progress=False)
+  for r in res.samplers:
+    assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-5)
+    assert r.unexplored_mass <= 1e-3
+  assert res.samplers[2].seq_validity == pytest.approx(1.0, abs=1e-3)
