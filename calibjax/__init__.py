@@ -3,11 +3,11 @@
 The public API: order metrics (SPEC §1), shape metrics (§2), calibration error (§3),
 truncation samplers (§4), oracle cutoffs (§5), ``calibjax.models`` (Gemma 3 from GGUF or
 safetensors), ``calibjax.tasks`` (known-valid-set tasks, SPEC §6) and ``calibjax.validity``
-(their token-validity masks).
+(their token-validity masks) and ``calibjax.sequence`` (exact answer probabilities).
 Definitions: SPEC.md and docs/semantics.md.
 """
 
-from calibjax import errors, models, tasks, validity
+from calibjax import errors, models, sequence, tasks, validity
 from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
                                   distributional_calibration, full_ece, proper_scores,
                                   top_label_ece)
@@ -18,7 +18,7 @@ from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
 from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
 
 __all__ = [
-    "errors", "models", "tasks", "validity", "check_logits",
+    "errors", "models", "sequence", "tasks", "validity", "check_logits",
     "OrderStats", "order_stats", "recall_at_precision", "CutoffCurve", "cutoff_curve",
     "ShapeStats", "shape_stats", "GroupMasses", "group_masses",
     "Reliability", "top_label_ece", "full_ece", "ProperScores", "proper_scores",
