@@ -82,3 +82,27 @@ def test_packaged_model_us_states(gemma):
     assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-5)
     assert r.unexplored_mass <= 1e-3
   assert res.samplers[2].seq_validity == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5"])
+def test_monte_carlo_agrees_with_exact(lm, sampler):
+  import jax
+  exact = sequence.exact(lm, TASK, [sampler], bound=0.0, progress=False).samplers[0]
+  mc = sequence.sample(lm, TASK, sampler, 3000, jax.random.key(0), max_new_tokens=8,
+                       batch_size=1000, confidence=0.999)
+  assert len(mc.texts) == 3000 and set(mc.reason) <= {"valid", "wrong", "early_eos",
+                                                       "no_terminator"}
+  lo, hi = mc.seq_validity_ci
+  assert lo <= exact.seq_validity <= hi, (exact.seq_validity, mc.seq_validity_ci)
+  for a, (p, (lo, hi)) in enumerate(zip(exact.answer_probs, mc.answer_ci)):
+    assert lo <= p <= hi, (TASK.answers[a], p, lo, hi)
+  # the same key gives the same samples, another key other ones
+  run = lambda seed: sequence.sample(lm, TASK, sampler, 40, jax.random.key(seed),
+                                     max_new_tokens=8).texts
+  assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_wilson_interval_hand_values():
+  lo, hi = sequence.wilson(5, 10, 0.95)
+  assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+  assert tuple(sequence.wilson(0, 20, 0.95)) == pytest.approx((0.0, 0.1611), abs=1e-4)
