@@ -143,10 +143,11 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
     for node in batch:
       queued -= node[5]
     rows = [prompt_ids + list(node[2]) for node in batch]
+    rows += rows[:1] * (batch_size - len(rows))  # a fixed batch shape: no recompiles
     width = max(map(len, rows))
     ids = np.array([[0] * (width - len(r)) + r for r in rows])
     mask = np.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
-    logits = np.asarray(lm.prefill(ids, mask, max_new_tokens=1)[0], np.float32)
+    logits = np.asarray(lm.prefill(ids, mask, max_new_tokens=1)[0], np.float32)[:len(batch)]
     valid = np.stack([index.mask(node[3], node[4]) for node in batch])
     probs = [_sampler_probs(logits, valid, s) for s in specs]  # each [b, V]
     for i, (_, _, path, state, text, p_node) in enumerate(batch):
