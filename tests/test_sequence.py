@@ -95,7 +95,7 @@ def test_bound_and_metrics(lm):
     assert r.kl_to_target == np.inf
 
 
-def test_packaged_model_us_states(gemma):
+def test_packaged_model_coin_flip(gemma):
   task = tasks.load("coin_flip")
   res = sequence.exact(gemma, task, ["t=1", "top_p=0.9", "oracle_set,t=2"], bound=1e-3,
                        progress=False)
