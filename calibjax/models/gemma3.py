@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 
@@ -83,11 +84,17 @@ class RMSNorm(nnx.Module):
     return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
 
 
+def inv_freq(base: float, hd: int) -> np.ndarray:
+  """RoPE inverse frequencies ``1 / base^(2i/hd)`` in float32, each power correctly rounded
+  (PyTorch's float32 ``pow`` is one ulp off at i = 111 for hd = 256; see BUILD_NOTES.md)."""
+  return np.float32(1) / np.float32(base) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))
+
+
 def rope(x, pos, base: float, scale: float):
   """Rotary embedding (rotate-half convention) of ``x [B, T, N, hd]`` at ``pos [B, T]``."""
   hd = x.shape[-1]
-  inv_freq = 1.0 / (base ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-  angles = (pos.astype(jnp.float32)[..., None] / scale) * inv_freq  # [B, T, hd/2]
+  freqs = jnp.asarray(inv_freq(base, hd))
+  angles = (pos.astype(jnp.float32)[..., None] / scale) * freqs  # [B, T, hd/2]
   cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
   x32 = x.astype(jnp.float32)
@@ -166,7 +173,9 @@ class Block(nnx.Module):
 
 class Gemma3(nnx.Module):
   """The decoder. ``__call__(ids, mask, cache)`` → ``(logits [B, T, V] float32, final hidden
-  states [B, T, d], cache)``; see the module docstring for the cache and padding."""
+  states [B, T, d], cache)``; with ``at [B]`` (a position per row) only that position's
+  logits ``[B, V]`` and hidden state ``[B, d]`` are computed — the output projection is the
+  largest matrix product of a forward. See the module docstring for the cache and padding."""
 
   def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs | None = None):
     rngs = rngs or nnx.Rngs(0)
@@ -175,7 +184,7 @@ class Gemma3(nnx.Module):
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.layers)])
     self.final_norm = RMSNorm(cfg.hidden, cfg.eps)
 
-  def __call__(self, ids, mask, cache: KVCache):
+  def __call__(self, ids, mask, cache: KVCache, at=None):
     emb = self.embed[...]
     x = jnp.take(emb, ids, axis=0) * jnp.asarray(math.sqrt(self.cfg.hidden), emb.dtype)
     # positions continue after what the cache already holds for each row
@@ -189,6 +198,8 @@ class Gemma3(nnx.Module):
       ks.append(k)
       vs.append(v)
     hidden = self.final_norm(x)
-    logits = jnp.einsum("btd,vd->btv", hidden, emb, preferred_element_type=jnp.float32)
+    if at is not None:
+      hidden = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
+    logits = jnp.einsum("...d,vd->...v", hidden, emb, preferred_element_type=jnp.float32)
     new = KVCache(k=tuple(ks), v=tuple(vs), pos=kpos, index=cache.index + ids.shape[1])
     return logits, hidden, new

@@ -19,13 +19,21 @@ def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
+def _last_real(mask):
+  """Index of each row's last real token (0 for a row with none)."""
+  return jnp.maximum(jnp.max(jnp.where(mask, jnp.arange(mask.shape[1]), -1), axis=1), 0)
+
+
 class LanguageModel:
   """``tokenizer``, ``vocab`` (token strings), ``config``, and:
 
   - ``logits(ids_bt, mask=None) -> [B, T, V]`` float32 (full forward);
   - ``prefill(ids_bt, mask, max_new_tokens) -> (last logits [B, V], last hidden [B, d],
     cache)``;
-  - ``decode(cache, tokens_b) -> (logits [B, V], hidden [B, d], cache)``.
+  - ``decode(cache, tokens_b) -> (logits [B, V], hidden [B, d], cache)``;
+  - ``extend(cache, ids_bt, mask) -> (last logits [B, V], last hidden [B, d])``: B
+    continuations of one shared prefix (a batch-1 cache), which is left unchanged;
+  - ``repeat(cache, n)``: a batch-1 cache copied into ``n`` rows (one prompt, many samples).
 
   Inputs are padded to power-of-two length buckets, so each bucket compiles once. ``mask``
   marks real tokens (left or right padding both work); without it every token is real.
@@ -39,12 +47,20 @@ class LanguageModel:
     self._graph, self._state = nnx.split(model)
     self.dtype = jax.tree.leaves(self._state)[0].dtype
 
-  @functools.partial(jax.jit, static_argnums=(0, 4), donate_argnames=("cache",))
-  def _forward(self, state, ids, mask, size, cache=None):
+  @functools.partial(jax.jit, static_argnums=(0, 4, 6), donate_argnames=("cache",))
+  def _forward(self, state, ids, mask, size, cache=None, last=False):
     model = nnx.merge(self._graph, state)
     if cache is None:
       cache = KVCache.empty(self.config, ids.shape[0], size, self.dtype)
-    return model(ids, mask, cache)
+    return model(ids, mask, cache, at=_last_real(mask) if last else None)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _extend(self, state, cache, ids, mask):
+    model = nnx.merge(self._graph, state)
+    cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape[1:])
+                         if x.ndim else x, cache)
+    logits, hidden, _ = model(ids, mask, cache, at=_last_real(mask))
+    return logits, hidden
 
   def _check(self, ids):
     ids = np.asarray(ids)
@@ -74,10 +90,33 @@ class LanguageModel:
     token."""
     pids, pmask, t = self._padded(ids, mask)
     size = t + bucket(max_new_tokens, minimum=1)
-    logits, hidden, cache = self._forward(self._state, pids, pmask, size)
-    last = jnp.max(jnp.where(pmask, jnp.arange(t), -1), axis=1)
-    take = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
-    return take(logits), take(hidden), cache
+    return self._forward(self._state, pids, pmask, size, None, True)
+
+  def extend(self, cache: KVCache, ids, mask=None):
+    """Runs each row of ``ids [B, T]`` (real tokens marked by ``mask``, right-padded) after
+    the prefix held by the batch-1 ``cache`` and returns the logits ``[B, V]`` and hidden
+    states ``[B, d]`` at each row's last real token. ``cache`` is not modified (the exact
+    engine reuses one prompt cache for every node)."""
+    if cache.pos.shape[0] != 1:
+      raise errors.ShapeMismatchError(f"extend() needs a batch-1 prefix cache, got batch "
+                                      f"{cache.pos.shape[0]}.")
+    ids = self._check(ids)
+    mask = np.ones(ids.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != ids.shape:
+      raise errors.ShapeMismatchError(f"mask {mask.shape} must match ids {ids.shape}.")
+    t = bucket(ids.shape[1], minimum=1)
+    room = cache.pos.shape[1] - int(cache.index)
+    if t > room:
+      raise errors.InputError(f"extend(): {ids.shape[1]} tokens (bucket {t}) do not fit the "
+                              f"{room} free cache slots; prefill with a larger max_new_tokens.")
+    pad = ((0, 0), (0, t - ids.shape[1]))
+    return self._extend(self._state, cache, jnp.asarray(np.pad(ids, pad)),
+                        jnp.asarray(np.pad(mask, pad)))
+
+  @staticmethod
+  def repeat(cache: KVCache, n: int) -> KVCache:
+    """A batch-1 ``cache`` copied into ``n`` rows."""
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
 
   def decode(self, cache: KVCache, tokens):
     """Appends one token per row; returns its logits ``[B, V]``, hidden ``[B, d]``, cache.

@@ -56,6 +56,33 @@ def test_padding_gives_each_row_its_unpadded_result(lm, side):
     np.testing.assert_allclose(np.asarray(step[i]), want, atol=2e-5, err_msg=f"row {i}")
 
 
+def test_extend_continues_a_shared_prefix_and_leaves_it_unchanged(lm):
+  rng = np.random.default_rng(2)
+  prompt = rng.integers(4, 260, 6)
+  paths = [rng.integers(4, 260, n) for n in (1, 4, 3)]
+  _, _, cache = lm.prefill(prompt[None], max_new_tokens=8)
+  ids = np.zeros((3, 4), np.int64)
+  mask = np.zeros((3, 4), bool)
+  for i, p in enumerate(paths):
+    ids[i, :len(p)], mask[i, :len(p)] = p, True
+  before = np.asarray(cache.k[0])
+  for _ in range(2):  # the prefix cache is reusable
+    logits, hidden = lm.extend(cache, ids, mask)
+    for i, p in enumerate(paths):
+      want = np.asarray(lm.logits(np.concatenate([prompt, p])[None]))[0, -1]
+      np.testing.assert_allclose(np.asarray(logits[i]), want, atol=2e-5, err_msg=f"row {i}")
+  np.testing.assert_array_equal(np.asarray(cache.k[0]), before)
+  assert hidden.shape == (3, tiny.CONFIG.hidden)
+  with pytest.raises(errors.InputError, match="free cache slots"):
+    lm.extend(cache, np.ones((1, 9), np.int64))
+  # repeat(): one prompt, many rows, each decoding on its own
+  rows = lm.repeat(cache, 3)
+  step, _, _ = lm.decode(rows, ids[:, 0])
+  for i in range(3):
+    want = np.asarray(lm.logits(np.append(prompt, ids[i, 0])[None]))[0, -1]
+    np.testing.assert_allclose(np.asarray(step[i]), want, atol=2e-5)
+
+
 def test_sliding_window_limits_what_a_local_layer_sees():
   cfg = dataclasses.replace(tiny.CONFIG, layers=1, sliding_window=4)  # one local layer
   m = tiny.model(cfg=cfg)
