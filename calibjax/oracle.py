@@ -29,6 +29,7 @@ class OracleCutoff:
 
   Fields:
     r_star: size of the chosen tie-closed cutoff (= ``k_star``, the top-k parameter there).
+    z_star: its logit: the cutoff keeps exactly the tokens with ``z ≥ z_star``.
     p_star: ``p(top r*)``, the top-p parameter that selects it; min_p_star:
       ``p_(r*) / p_(1)``; epsilon_star: ``p_(r*)`` (``p_(r*)``: the probability of the last kept
       token).
@@ -38,6 +39,7 @@ class OracleCutoff:
     defined: finite row with valid and invalid tokens, within ``max_valid``.
   """
   r_star: jax.Array
+  z_star: jax.Array
   k_star: jax.Array
   p_star: jax.Array
   min_p_star: jax.Array
@@ -83,7 +85,7 @@ def _oracle(z, m, tau, temperature, cap, method, objective):
   defined = r.finite & (r.n_valid > 0) & (r.n_valid < z.shape[-1]) & r.capacity_ok
   nan = lambda x: jnp.where(defined, x, jnp.nan)
   return OracleCutoff(
-      r_star=nan(at(k)), k_star=nan(at(k)), p_star=nan(at(mass)),
+      r_star=nan(at(k)), z_star=nan(at(r.s)), k_star=nan(at(k)), p_star=nan(at(mass)),
       min_p_star=nan(at(r.p_slot) / r.p_max), epsilon_star=nan(at(r.p_slot)),
       recall=nan(at(recall)), precision=nan(at(precision)), validity=nan(at(validity)),
       f1=nan(at(f1)), kept_valid=nan(at(tp)), kept_invalid=nan(at(k - tp)),

@@ -15,6 +15,8 @@ rule                  score ``x``          cut ``θ``
 ``typical`` (τ)       ``−|−log p − H(p)|`` shortest most-typical prefix with mass ≥ τ
 ``top_n_sigma`` (n)   ``a``                ``max a − n·σ(a)``, σ over finite logits
 ``oracle_set``        valid mask           keep exactly the valid set
+``oracle_rank`` (τ)   ``a``                the oracle cutoff ``r*`` (SPEC §5): max recall
+                                           with validity ≥ τ (default 0.95)
 ====================  ===================  =============================================
 
 The cut is clamped so that the most probable token (the most typical one for ``typical``; ties
@@ -45,11 +47,13 @@ from calibjax.rowwise import map_rows
 
 RULES = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma")
 ORACLE_SET = "oracle_set"
+ORACLE_RANK = "oracle_rank"
+ORACLES = (ORACLE_SET, ORACLE_RANK)
 _RANGES = {  # (low, high, low inclusive, high inclusive)
     "top_k": (1, math.inf, True, False), "top_p": (0, 1, False, True),
     "min_p": (0, 1, True, True), "typical": (0, 1, False, True),
     "epsilon": (0, 1, True, False), "eta": (0, 1, True, False),
-    "top_n_sigma": (0, math.inf, True, False)}
+    "top_n_sigma": (0, math.inf, True, False), ORACLE_RANK: (0, 1, False, True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,7 @@ def check_param(rule: str, value) -> None:
   if rule == ORACLE_SET:
     return
   if rule not in _RANGES:
-    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + (ORACLE_SET,)}.")
+    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + ORACLES}.")
   if isinstance(value, jax.core.Tracer) or value is None:
     if value is None:
       raise errors.InputError(f"rule {rule!r} needs a parameter.")
@@ -93,9 +97,11 @@ class Sampler:
   """A sampler: temperature and a chain of truncation rules — the one spec type of calibjax.
 
   ``rules`` are ``(name, parameter)`` pairs, stored in the fixed application order of
-  :data:`RULES` (``oracle_set`` last); a rule appears at most once.
+  :data:`RULES` (``oracle_set`` last); a rule appears at most once. ``oracle_rank`` (the
+  per-position oracle cutoff) stands alone: it is the best any cutoff could do, not a step.
   Text form (``Sampler.parse`` / ``str``): comma-separated ``name=value`` items and ``t=T``,
-  e.g. ``"top_p=0.9,t=1.5"``, ``"min_p=0.1"``, ``"oracle_set,t=2"``.
+  e.g. ``"top_p=0.9,t=1.5"``, ``"min_p=0.1"``, ``"oracle_set,t=2"``, ``"oracle_rank=0.95"``
+  (``oracle_rank`` alone means τ = 0.95).
   """
   rules: tuple[tuple[str, float | None], ...] = ()
   temperature: float = 1.0
@@ -109,8 +115,11 @@ class Sampler:
       if rule != ORACLE_SET and not np.ndim(value) == 0:
         raise errors.InputError(f"chain parameters are scalars; {rule} got {value!r} "
                                 "(use truncate() with sweep() for sweeps).")
+    if ORACLE_RANK in seen and len(seen) > 1:
+      raise errors.InputError(f"oracle_rank is a cutoff of its own and cannot be chained with "
+                              f"{[r for r in seen if r != ORACLE_RANK]}.")
     inputs.check_temperature(self.temperature)
-    order = RULES + (ORACLE_SET,)
+    order = RULES + ORACLES
     canon = tuple(sorted(((r, None if r == ORACLE_SET else float(v)) for r, v in self.rules),
                          key=lambda rv: order.index(rv[0])))
     object.__setattr__(self, "rules", canon)
@@ -132,13 +141,15 @@ class Sampler:
         if value is not None:
           raise errors.InputError(f"sampler {text!r}: oracle_set takes no value.")
         rules.append((name, None))
+      elif name == ORACLE_RANK:
+        rules.append((name, 0.95 if value is None else _number(text, item, value)))
       elif name in RULES:
         if value is None:
           raise errors.InputError(f"sampler {text!r}: {name} needs a value, e.g. {name}=0.9.")
         rules.append((name, _number(text, item, value)))
       else:
         raise errors.InputError(f"sampler {text!r}: unknown item {name!r}; known: "
-                                f"{', '.join(RULES + (ORACLE_SET, 't'))}.")
+                                f"{', '.join(RULES + ORACLES + ('t',))}.")
     return cls(tuple(rules), temperature)
 
   def __str__(self) -> str:
@@ -224,6 +235,9 @@ def _cut(rule, a, m, params):
     x = jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf)
     theta = _select_value(x, p, whole(params), alive)
     return x, theta, -theta
+  if rule == ORACLE_RANK:  # params: the oracle cutoff on a, found by truncate_chain
+    theta = jnp.minimum(params, top)
+    return a, theta, as_prob(theta)
   if rule == "oracle_set":
     x = m.astype(jnp.float32) + 0.5 * (a == top)  # valid: >= 1; top tokens: 0.5 or 1.5
     theta = jnp.where(jnp.any(m & alive), 1.0, 0.5) * jnp.ones_like(params)
@@ -239,7 +253,7 @@ def _cut(rule, a, m, params):
     entropy = -jnp.sum(jnp.where(alive, p * x, 0.0))
     log_theta = jnp.minimum(jnp.log(params), 0.5 * jnp.log(params) - entropy)
   else:
-    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + (ORACLE_SET,)}.")
+    raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + ORACLES}.")
   theta = jnp.minimum(log_theta, jnp.max(x))
   return x, theta, jnp.exp(theta if rule != "min_p" else theta - log_total)
 
@@ -317,7 +331,7 @@ def _normalise(logits, valid_mask, temperature, need_mask):
   z = inputs.as_logits(logits)
   m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
   if need_mask and m is None:
-    raise errors.InputError("rule 'oracle_set' needs valid_mask.")
+    raise errors.InputError("oracle rules need valid_mask.")
   inputs.check_temperature(temperature)
   return z, m
 
@@ -347,6 +361,9 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
     >>> r.keep.tolist(), float(r.kept_mass)
     ([True, True, False, False], 0.8...)
   """
+  if rule == ORACLE_RANK:
+    raise errors.InputError("oracle_rank depends on the valid set of each row: use "
+                            "truncate_chain(logits, 'oracle_rank=0.95', valid_mask=...).")
   check_param(rule, params.values if isinstance(params, Sweep) else params)
   z, m = _normalise(logits, valid_mask, temperature, rule == ORACLE_SET)
   batch = z.shape[:-1]
@@ -362,23 +379,33 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
               not isinstance(params, Sweep))
 
 
-def truncate_chain(logits: ArrayLike, sampler: Sampler | Sequence[tuple[str, float]], *,
+def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[str, float]], *,
                    temperature: ArrayLike | None = None, valid_mask: ArrayLike | None = None,
-                   return_keep: bool = True) -> Truncation:
+                   return_keep: bool = True, max_valid: int | None = None) -> Truncation:
   """Applies a chain of rules (a :class:`Sampler` or ``[(rule, param), ...]``).
 
   Rules run in the fixed order of :data:`RULES`, each on the survivors of the previous one,
   renormalised. ``temperature`` overrides the sampler's. Statistics (``kept_mass``,
   ``validity``, …) refer to the final kept set under ``softmax(z / T)``; ``threshold`` is NaN.
+  ``oracle_rank=τ`` keeps each row's oracle cutoff (:func:`calibjax.oracle_cutoff`, validity
+  objective, at this temperature; every token where it is undefined); ``max_valid`` bounds
+  the valid tokens per row for it, as in :func:`calibjax.order_stats` (needed under ``jit``).
 
   Example:
     >>> r = truncate_chain(jnp.log(jnp.array([.5, .3, .15, .05])), [("top_p", .95), ("top_k", 2)])
     >>> r.keep.tolist()
     [True, True, False, False]
   """
-  s = sampler if isinstance(sampler, Sampler) else Sampler(tuple(sampler))
+  s = (Sampler.parse(sampler) if isinstance(sampler, str) else
+       sampler if isinstance(sampler, Sampler) else Sampler(tuple(sampler)))
   t = s.temperature if temperature is None else temperature
-  z, m = _normalise(logits, valid_mask, t, any(r == ORACLE_SET for r, _ in s.rules))
-  params = jnp.asarray([0.0 if v is None else v for _, v in s.rules], jnp.float32)
-  params = jnp.broadcast_to(params, z.shape[:-1] + params.shape)
+  z, m = _normalise(logits, valid_mask, t, any(r in ORACLES for r, _ in s.rules))
+  if s.rules and s.rules[0][0] == ORACLE_RANK:
+    from calibjax import oracle  # oracle uses this module
+    o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid)
+    t_rows = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:-1])
+    params = jnp.where(o.defined, o.z_star / t_rows, -jnp.inf)[..., None]
+  else:
+    params = jnp.asarray([0.0 if v is None else v for _, v in s.rules], jnp.float32)
+    params = jnp.broadcast_to(params, z.shape[:-1] + params.shape)
   return _run(z, m, t, params, _row_chain, tuple(s.rules), bool(return_keep), True)

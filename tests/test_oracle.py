@@ -91,3 +91,34 @@ def test_oracle_gap_hand_computed():
   assert g.recall_gap == pytest.approx(1 - (1 + 2 / 6) / 2)
   with pytest.raises(cj.errors.InputError, match="objective"):
     cj.oracle_cutoff(z, m, objective="recall")
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_oracle_rank_sampler_keeps_the_oracle_cutoff(ties):
+  """``oracle_rank=τ`` keeps exactly the brute-force r* tokens (tie-closed, z ≥ z*); rows
+  where no cutoff is feasible keep the smallest cutoff holding a valid token."""
+  z, m = random_case(np.random.default_rng(3), 8, 30, n_valid=7, ties=ties, neg_inf=0.1)
+  for tau, t in ((0.95, 0.5), (0.6, 2.0)):
+    got = cj.truncate_chain(z, f"oracle_rank={tau},t={t}", valid_mask=m)
+    want = ref.oracle_cutoff(z, m, "validity", tau, t)
+    o = cj.oracle_cutoff(z, m, "validity", tau, t)
+    for i, w in enumerate(want):
+      keep = np.asarray(got.keep[i])
+      np.testing.assert_array_equal(keep, np.asarray(z[i]) >= float(o.z_star[i]), err_msg=i)
+      if w["feasible"]:
+        assert keep.sum() == w["r_star"], i
+        assert float(got.validity[i]) == pytest.approx(w["validity"], rel=2e-5)
+
+
+def test_oracle_rank_is_a_sampler_of_its_own():
+  s = cj.Sampler.parse("oracle_rank,t=2")
+  assert s.rules == (("oracle_rank", 0.95),) and str(s) == "oracle_rank=0.95,t=2"
+  with pytest.raises(cj.errors.InputError, match="cannot be chained"):
+    cj.Sampler.parse("oracle_rank=0.9,top_p=0.9")
+  with pytest.raises(cj.errors.InputError, match="oracle_rank"):
+    cj.Sampler.parse("oracle_rank=1.5")
+  with pytest.raises(cj.errors.InputError, match="valid_mask"):
+    cj.truncate_chain(np.zeros((2, 5)), "oracle_rank")
+  # a fully valid row: the cutoff is undefined and everything is kept
+  keep = cj.truncate_chain(np.log([[.5, .3, .2]]), "oracle_rank", valid_mask=np.ones((1, 3), bool)).keep
+  assert np.asarray(keep).all()
