@@ -247,9 +247,16 @@ def _truncate_row(a, m, rule, param):
     keep |= score == score.min()
   elif rule == "oracle_set":
     keep = m.copy() if (m & alive).any() else top
+  elif rule == "oracle_rank":  # max recall with validity >= param; see oracle_cutoff
+    if not (m & alive).any() or (m | ~alive).all():
+      return alive
+    best = oracle_cutoff(a[None], m[None], "validity", param)[0]
+    srt = np.sort(a[alive])[::-1]
+    cut = srt[int(best["r_star"]) - 1] if best["feasible"] else a[m & alive].max()
+    keep = a >= cut
   else:
     raise ValueError(rule)
-  if rule not in ("typical", "oracle_set"):
+  if rule not in ("typical", "oracle_set", "oracle_rank"):
     keep = keep | top
   return keep & alive
 
@@ -281,7 +288,7 @@ def truncate(logits, rule, param, temperature=1.0, valid_mask=None):
 
 
 _CHAIN_ORDER = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma",
-                "oracle_set")
+                "oracle_set", "oracle_rank")
 
 
 def truncate_chain(logits, rules, temperature=1.0, valid_mask=None):

@@ -2,29 +2,33 @@
 
 The valid-prefix tree of a task (a node is a token path whose text is still a prefix of
 ``leading · answer · terminator``) is expanded best-first by path probability — the largest
-over the samplers — in batches of nodes, the model running once per node and every sampler
-reusing those logits. A path ends when EOS follows a complete answer or a token completes
+over the samplers — in batches of nodes, the model running once per node on top of the
+prompt's KV cache (computed once) and every sampler reusing those logits (single-rule
+samplers of one rule and temperature as one sweep). A path ends when EOS follows a complete answer or a token completes
 the terminator. Enumeration stops when every sampler's unexplored valid mass is below
 ``bound`` (or after ``max_nodes``, which the result reports); nothing is hidden:
 ``seq_validity + invalid_mass + unexplored_mass = 1`` per sampler.
 
 :func:`sample` is the Monte Carlo counterpart: batched cached decoding with explicit keys,
 every sample classified, Wilson intervals that the exact values must fall in.
-
-Not yet here: the ``oracle_rank`` sampler, reuse of the prompt's KV cache across nodes,
-per-step validity along each answer's path, oracle samplers in :func:`sample`.
+Compounding (SPEC §6): the per-step validity along each answer's canonical path, and its
+product, beside the measured sequence validity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import itertools
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from calibjax import errors, truncation
+from calibjax.models.language_model import bucket
 from calibjax.tasks import Task
 from calibjax.validity import ValidityIndex, token_bytes
 
@@ -34,7 +38,9 @@ class SamplerResult:
   """Exact answer distribution of one sampler. ``answer_probs[i]`` is P_S(answers[i]);
   ``conditional`` = P_S(a | valid); ``kl_to_target`` = KL(target ‖ conditional) (inf when a
   target answer has probability 0); ``coverage[N]`` = E[#distinct valid answers in N
-  samples] / |A| = Σ_a (1 − (1 − P_S(a))^N) / |A|."""
+  samples] / |A| = Σ_a (1 − (1 − P_S(a))^N) / |A|. Compounding: ``step_validity[i]`` is the
+  sampler's valid mass at each prefix of answer i's canonical path (``ExactResult.
+  canonical_paths``), ``path_validity[i]`` their product, to set beside ``seq_validity``."""
   sampler: str
   answer_probs: np.ndarray
   seq_validity: float
@@ -46,6 +52,8 @@ class SamplerResult:
   effective_answers: float
   kl_to_target: float
   coverage: dict
+  step_validity: tuple[np.ndarray, ...]
+  path_validity: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +61,16 @@ class ExactResult:
   task: str
   prompt: str
   answers: tuple[str, ...]
+  canonical_paths: tuple[tuple[int, ...], ...]
   nodes_expanded: int
   bound: float
   bound_reached: bool
   samplers: tuple[SamplerResult, ...]
+
+
+def _progress(enabled: bool, desc: str, unit: str, total: int | None = None):
+  from tqdm import tqdm
+  return tqdm(desc=desc, unit=unit, total=total, file=sys.stderr, disable=not enabled)
 
 
 def _answer_index(task: Task, text: bytes, terminated: bool) -> int | None:
@@ -73,7 +87,7 @@ def _answer_index(task: Task, text: bytes, terminated: bool) -> int | None:
   return None
 
 
-def _summary(name, probs, invalid, unexplored, task, coverage_n) -> SamplerResult:
+def _summary(name, probs, invalid, unexplored, task, coverage_n, steps) -> SamplerResult:
   valid = float(probs.sum())
   cond = probs / valid if valid > 0 else np.full_like(probs, np.nan)
   nz = cond > 0
@@ -87,100 +101,205 @@ def _summary(name, probs, invalid, unexplored, task, coverage_n) -> SamplerResul
       unexplored_mass=float(unexplored), conditional=cond, entropy=entropy,
       normalized_entropy=entropy / np.log(n) if n > 1 else 1.0,
       effective_answers=float(np.exp(entropy)), kl_to_target=kl,
-      coverage={int(k): float(np.sum(1 - (1 - probs) ** k) / n) for k in coverage_n})
+      coverage={int(k): float(np.sum(1 - (1 - probs) ** k) / n) for k in coverage_n},
+      step_validity=steps, path_validity=np.array([np.prod(x) for x in steps]))
 
 
-def _sampler_probs(logits: np.ndarray, valid: np.ndarray, sampler: truncation.Sampler):
-  """p_S over the vocabulary for each row: truncated, renormalised softmax(z / T)."""
-  keep = np.asarray(truncation.truncate_chain(logits, sampler, valid_mask=valid).keep)
-  a = (logits / np.float32(sampler.temperature)).astype(np.float64)
-  a = np.where(keep, a, -np.inf)
-  a -= a.max(axis=-1, keepdims=True)
-  p = np.exp(a)
-  return p / p.sum(axis=-1, keepdims=True)
+def _as_specs(samplers) -> tuple[truncation.Sampler, ...]:
+  return tuple(s if isinstance(s, truncation.Sampler) else truncation.Sampler.parse(s)
+               for s in samplers)
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "cap"))
+def _valid_token_probs(z, m, idx, specs, cap):
+  """For every sampler: its probability of the valid tokens ``idx [B, C]`` of each row and
+  its invalid mass ``[B]`` (``[S, B, C]``, ``[S, B]``). Single-rule samplers sharing a rule and
+  a temperature run as one sweep (one selection pass for all their values)."""
+  groups: dict = {}
+  for k, s in enumerate(specs):
+    if len(s.rules) == 1 and s.rules[0][0] in truncation.RULES:
+      groups.setdefault((s.rules[0][0], s.temperature), []).append(k)
+    else:
+      groups[(str(s), k)] = [k]
+  probs, invalid = [None] * len(specs), [None] * len(specs)
+  for (head, t_or_k), members in groups.items():
+    if head in truncation.RULES:
+      t = t_or_k
+      values = truncation.sweep([specs[k].rules[0][1] for k in members])
+      tr = truncation.truncate(z, head, values, temperature=t, valid_mask=m)
+    else:
+      t = specs[members[0]].temperature
+      tr = jax.tree.map(lambda x: x[None], truncation.truncate_chain(
+          z, specs[members[0]], valid_mask=m, max_valid=cap))
+    a = z / t
+    log_p = a - jax.scipy.special.logsumexp(a, axis=-1, keepdims=True)
+    p_idx = jnp.exp(jnp.take_along_axis(log_p, idx, axis=-1))              # [B, C]
+    keep = jnp.take_along_axis(tr.keep, jnp.broadcast_to(idx, tr.keep.shape[:-1] + idx.shape[-1:]),
+                               axis=-1)                                   # [n, B, C]
+    p = jnp.where(keep, p_idx / tr.kept_mass[..., None], 0.0)
+    for j, k in enumerate(members):
+      probs[k], invalid[k] = p[j], jnp.maximum(1.0 - tr.validity[j], 0.0)
+  return jnp.stack(probs), jnp.stack(invalid)
+
+
+@dataclasses.dataclass
+class _Node:
+  path: tuple[int, ...]
+  state: int
+  text: bytes
+  mass: np.ndarray  # [S] probability of the path under each sampler
+
+
+class _Evaluator:
+  """Next-token probabilities of the samplers at token paths after the prompt: the prompt's
+  KV cache is computed once and every batch of paths runs on top of it."""
+
+  def __init__(self, lm, prompt_ids, index, specs, batch_size, max_depth):
+    if len(prompt_ids) < 2:
+      raise errors.InputError("the prompt is empty: it must hold at least one token after BOS.")
+    self.lm, self.index, self.specs, self.batch_size = lm, index, specs, batch_size
+    self.last = int(prompt_ids[-1])  # each path restarts from it: the root is a path too
+    _, _, self.cache = lm.prefill(np.asarray([prompt_ids[:-1]]), max_new_tokens=max_depth + 1)
+
+  def __call__(self, nodes):
+    """``(valid token ids [b, C] with -1 padding, their probabilities [S, b, C] (0 at the
+    padding), invalid mass [S, b])``."""
+    n = len(nodes)
+    rows = [(self.last,) + node.path for node in nodes]
+    rows += rows[:1] * (self.batch_size - n)
+    width = max(map(len, rows))
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)], mask[i, :len(r)] = r, True
+    logits, _ = self.lm.extend(self.cache, ids, mask)
+    valid = [self.index.mask(node.state, node.text) for node in nodes]
+    valid += valid[:1] * (self.batch_size - n)
+    tokens = [np.flatnonzero(v) for v in valid]
+    cap = bucket(max(map(len, tokens)), minimum=8)
+    idx = np.stack([np.pad(t, (0, cap - len(t)), constant_values=t[0]) for t in tokens])
+    probs, invalid = _valid_token_probs(logits, jnp.asarray(np.stack(valid)), jnp.asarray(idx),
+                                        self.specs, cap)
+    real = np.stack([np.pad(t, (0, cap - len(t)), constant_values=-1) for t in tokens])[:n]
+    probs = np.where(real >= 0, np.asarray(probs, np.float64)[:, :n], 0.0)
+    return real, probs, np.asarray(invalid, np.float64)[:, :n]
+
+
+def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
+  """Each answer's canonical token path: the tokenisation of the longest allowed leading text,
+  the answer and the first terminator (what the compounding figures follow)."""
+  lead = max(task.leading, key=len)
+  return [tuple(tokenizer.encode(lead + a + task.terminators[0], add_bos=False))
+          for a in task.answers]
 
 
 def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 100, 1000),
-          prompt: str | None = None, batch_size: int = 16, max_nodes: int = 20_000,
-          cache_dir: str | None = None, progress: bool = True) -> ExactResult:
+          prompt: str | None = None, batch_size: int = 32, max_nodes: int = 50_000,
+          max_depth: int = 24, cache_dir: str | None = None,
+          progress: bool = True) -> ExactResult:
   """Exact answer probabilities of ``task`` under each sampler, by tree enumeration.
 
   Args:
     lm: a :class:`calibjax.models.LanguageModel`.
     task: a :class:`calibjax.tasks.Task` with a finite answer list.
-    samplers: :class:`calibjax.Sampler` objects or their text (``"top_p=0.9,t=1.5"``).
+    samplers: :class:`calibjax.Sampler` objects or their text (``"top_p=0.9,t=1.5"``,
+      ``"oracle_set,t=2"``, ``"oracle_rank=0.95"``).
     bound: stop when every sampler's unexplored valid mass is below it.
     prompt: defaults to the task's first prompt.
+    batch_size: nodes per model call.
     max_nodes: a safety cap; ``bound_reached`` says whether the bound was met.
+    max_depth: paths longer than this many tokens stay unexplored (their mass is counted in
+      ``unexplored_mass``).
 
   Returns:
     :class:`ExactResult`, one :class:`SamplerResult` per sampler, in order.
   """
   if task.answers is None:
     raise errors.TaskError(f"{task.source}: the exact engine needs a finite answer list.")
-  specs = [s if isinstance(s, truncation.Sampler) else truncation.Sampler.parse(s)
-           for s in samplers]
+  specs = _as_specs(samplers)
   if not specs:
     raise errors.InputError("exact() needs at least one sampler.")
   tok = lm.tokenizer
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt = task.prompts[0] if prompt is None else prompt
-  prompt_ids = tok.encode(prompt)
+  evaluate = _Evaluator(lm, tok.encode(prompt), index, specs, batch_size, max_depth)
   n_s, n_a = len(specs), len(task.answers)
   answer_probs = np.zeros((n_s, n_a))
   invalid = np.zeros(n_s)
+  step_validity: dict[tuple[int, ...], np.ndarray] = {}
   counter = itertools.count()
-  heap = [(-1.0, next(counter), (), index.initial_state, b"", np.ones(n_s))]
+  heap = [(-1.0, next(counter), _Node((), index.initial_state, b"", np.ones(n_s)))]
+  too_deep = np.zeros(n_s)
   queued = np.ones(n_s)
   expanded = 0
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = tqdm(desc=f"exact {task.name}", unit="node", file=sys.stderr)
+  bar = _progress(progress, f"exact {task.name}", "node")
   while heap and queued.max() > bound and expanded < max_nodes:
-    batch = [heapq.heappop(heap) for _ in range(min(batch_size, len(heap)))]
+    batch = [heapq.heappop(heap)[2] for _ in range(min(batch_size, len(heap)))]
     for node in batch:
-      queued -= node[5]
-    rows = [prompt_ids + list(node[2]) for node in batch]
-    rows += rows[:1] * (batch_size - len(rows))  # a fixed batch shape: no recompiles
-    width = max(map(len, rows))
-    ids = np.array([[0] * (width - len(r)) + r for r in rows])
-    mask = np.array([[False] * (width - len(r)) + [True] * len(r) for r in rows])
-    logits = np.asarray(lm.prefill(ids, mask, max_new_tokens=1)[0], np.float32)[:len(batch)]
-    valid = np.stack([index.mask(node[3], node[4]) for node in batch])
-    probs = [_sampler_probs(logits, valid, s) for s in specs]  # each [b, V]
-    for i, (_, _, path, state, text, p_node) in enumerate(batch):
-      p_tok = np.stack([p[i] for p in probs])  # [S, V]
-      invalid += p_node * p_tok[:, ~valid[i]].sum(axis=1)
-      for v in np.flatnonzero(valid[i]):
-        p_child = p_node * p_tok[:, v]
+      queued -= node.mass
+    tokens, probs, inv = evaluate(batch)
+    for i, node in enumerate(batch):
+      step_validity[node.path] = probs[:, i].sum(axis=-1)
+      invalid += node.mass * inv[:, i]
+      for c, v in enumerate(tokens[i]):
+        if v < 0:
+          break
+        p_child = node.mass * probs[:, i, c]
         if not p_child.any():
           continue
         if v == tok.eos_id:  # valid only after a complete answer (final nodes never expand)
-          answer_probs[:, _answer_index(task, text, terminated=False)] += p_child
+          answer_probs[:, _answer_index(task, node.text, terminated=False)] += p_child
           continue
-        nstate = index.advance(state, v)
-        ntext = text + tbytes[v]
-        if index.is_final(nstate):
-          answer_probs[:, _answer_index(task, ntext, terminated=True)] += p_child
+        child = _Node(node.path + (int(v),), index.advance(node.state, v),
+                      node.text + tbytes[v], p_child)
+        if index.is_final(child.state):
+          answer_probs[:, _answer_index(task, child.text, terminated=True)] += p_child
+        elif len(child.path) >= max_depth:
+          too_deep += p_child
         else:
-          heapq.heappush(heap, (-p_child.max(), next(counter), path + (int(v),), nstate, ntext,
-                                p_child))
+          heapq.heappush(heap, (-p_child.max(), next(counter), child))
           queued += p_child
     expanded += len(batch)
-    if bar:
-      bar.update(len(batch))
-      bar.set_postfix(unexplored=f"{queued.max():.2e}")
-  if bar:
-    bar.close()
+    bar.update(len(batch))
+    bar.set_postfix(unexplored=f"{queued.max():.2e}", refresh=False)
+  bar.close()
   # exact, not the running sum (whose rounding drifts): the mass of the nodes left unexpanded
-  unexplored = np.sum([node[5] for node in heap], axis=0) if heap else np.zeros(n_s)
-  results = tuple(_summary(str(s), answer_probs[k], invalid[k], unexplored[k], task, coverage_n)
-                  for k, s in enumerate(specs))
+  unexplored = too_deep + sum((node.mass for _, _, node in heap), np.zeros(n_s))
+  paths = canonical_paths(task, tok)
+  steps = _canonical_step_validity(paths, step_validity, index, tbytes, evaluate, n_s)
+  results = tuple(
+      _summary(str(s), answer_probs[k], invalid[k], unexplored[k], task, coverage_n,
+               tuple(st[:, k] for st in steps))
+      for k, s in enumerate(specs))
   return ExactResult(task=task.name, prompt=prompt, answers=task.answers,
-                     nodes_expanded=expanded, bound=bound,
+                     canonical_paths=tuple(paths), nodes_expanded=expanded, bound=bound,
                      bound_reached=bool(unexplored.max() <= bound), samplers=results)
+
+
+def _canonical_step_validity(paths, known, index, tbytes, evaluate, n_s):
+  """Per answer ``[len(path), S]``: each sampler's valid mass at every prefix of the answer's
+  canonical path (NaN where the path leaves the task's language). Prefixes the enumeration
+  did not expand are evaluated here."""
+  todo = {}
+  for path in paths:
+    state, text = index.initial_state, b""
+    for j in range(len(path)):
+      prefix = path[:j]
+      if state is None:
+        break
+      if prefix not in known and prefix not in todo:
+        todo[prefix] = _Node(prefix, state, text, np.zeros(n_s))
+      state = index.advance(state, path[j])
+      text += tbytes[path[j]] or b""
+  nodes = list(todo.values())
+  for start in range(0, len(nodes), evaluate.batch_size):
+    chunk = nodes[start:start + evaluate.batch_size]
+    _, probs, _ = evaluate(chunk)
+    for i, node in enumerate(chunk):
+      known[node.path] = probs[:, i].sum(axis=-1)
+  nan = np.full(n_s, np.nan)
+  return [np.stack([known.get(path[:j], nan) for j in range(len(path))]) for path in paths]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,65 +334,92 @@ def wilson(successes, n: int, confidence: float = 0.99) -> np.ndarray:
   return np.stack([centre - half, centre + half], axis=-1)
 
 
-def _classify(task, index, tbytes, eos_id, row):
-  state, text = index.initial_state, b""
-  for tok in row:
-    tok = int(tok)
-    if tok == eos_id:
-      a = _answer_index(task, text, terminated=False) if task.end_of_sequence else None
-      return text, (-1, "early_eos") if a is None else (a, "valid")
-    state = index.advance(state, tok)
-    if state is None:
-      return text + (tbytes[tok] or b""), (-1, "wrong")
-    text += tbytes[tok]
-    if index.is_final(state):
-      return text, (_answer_index(task, text, terminated=True), "valid")
-  return text, (-1, "no_terminator")
+class _Classifier:
+  """Follows one sample token by token and decides it: an answer index and ``"valid"``, or −1
+  and ``"wrong"`` (a token left the task's language), ``"early_eos"``, ``"no_terminator"``."""
+
+  def __init__(self, task, index, tbytes, eos_id):
+    self.task, self.index, self.tbytes, self.eos_id = task, index, tbytes, eos_id
+    self.state, self.text, self.result = index.initial_state, b"", None
+
+  def push(self, token: int) -> bool:
+    """Consumes one token; True once the sample is decided."""
+    if token == self.eos_id:
+      a = (_answer_index(self.task, self.text, terminated=False)
+           if self.task.end_of_sequence else None)
+      self.result = (-1, "early_eos") if a is None else (a, "valid")
+      return True
+    self.state = self.index.advance(self.state, token)
+    self.text += self.tbytes[token] or b""
+    if self.state is None:
+      self.result = (-1, "wrong")
+    elif self.index.is_final(self.state):
+      self.result = (_answer_index(self.task, self.text, terminated=True), "valid")
+    return self.result is not None
+
+  def mask(self) -> np.ndarray:
+    return self.index.mask(self.state, self.text)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "cap"))
+def _draw(key, z, m, spec, cap):
+  keep = truncation.truncate_chain(z, spec, valid_mask=m, max_valid=cap).keep
+  return jax.random.categorical(key, jnp.where(keep, z / spec.temperature, -jnp.inf), axis=-1,
+                                mode="high")
 
 
 def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
            prompt: str | None = None, batch_size: int = 256, confidence: float = 0.99,
-           cache_dir: str | None = None) -> MonteCarloResult:
+           cache_dir: str | None = None, progress: bool = True) -> MonteCarloResult:
   """``n`` answers generated with ``sampler`` (explicit ``key``), classified against the task.
 
-  Sampling is tail-faithful: ``jax.random.categorical`` in its high-dynamic-range mode over
-  the truncated, temperature-scaled logits (SPEC §7). The same key gives the same samples.
-  Samplers that need the valid set (``oracle_set``) are not supported here yet.
+  The prompt runs once; its cache is copied into each batch of ``batch_size`` samples, which
+  decode until every sample is decided or ``max_new_tokens`` is reached. Sampling is
+  tail-faithful: ``jax.random.categorical`` in its high-dynamic-range mode over the truncated,
+  temperature-scaled logits (SPEC §7). Oracle samplers get each sample's valid mask at every
+  step. The same key gives the same samples.
   """
-  import jax
-  import jax.numpy as jnp
-  spec = sampler if isinstance(sampler, truncation.Sampler) else truncation.Sampler.parse(sampler)
-  if any(r == truncation.ORACLE_SET for r, _ in spec.rules):
-    raise errors.InputError("sample(): oracle samplers are not supported yet.")
+  spec = _as_specs([sampler])[0]
   if task.answers is None:
     raise errors.TaskError(f"{task.source}: sample() classifies against a finite answer list.")
+  if n < 1:
+    raise errors.InputError(f"sample(): n must be >= 1, got {n}.")
+  oracle = any(r in truncation.ORACLES for r, _ in spec.rules)
   tok = lm.tokenizer
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt_ids = tok.encode(task.prompts[0] if prompt is None else prompt)
-
-  @jax.jit
-  def draw(k, z, t):
-    keep = truncation.truncate_chain(z, spec, temperature=t).keep
-    return jax.random.categorical(k, jnp.where(keep, z / t, -jnp.inf), axis=-1, mode="high")
-
-  rows = []
+  logits0, _, prompt_cache = lm.prefill(np.asarray([prompt_ids]), max_new_tokens=max_new_tokens)
+  bar = _progress(progress, f"sample {task.name} {spec}", "sample", n)
+  texts, answer, reason = [], [], []
   for start in range(0, n, batch_size):
     m = min(batch_size, n - start)
-    logits, _, cache = lm.prefill(np.tile(prompt_ids, (m, 1)), max_new_tokens=max_new_tokens)
-    out = []
-    for _ in range(max_new_tokens):
+    samples = [_Classifier(task, index, tbytes, tok.eos_id) for _ in range(m)]
+    logits = jnp.repeat(logits0, m, axis=0)
+    cache = lm.repeat(prompt_cache, m)
+    for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
-      nxt = draw(sub, logits, jnp.float32(spec.temperature))
-      out.append(nxt)
+      valid, cap = None, None
+      if oracle:
+        decided = np.zeros(len(tok.vocab), bool)
+        decided[tok.eos_id] = True  # any mask will do for a decided sample
+        masks = [decided if x.result is not None else x.mask() for x in samples]
+        cap = bucket(max(int(x.sum()) for x in masks), minimum=8)
+        valid = jnp.asarray(np.stack(masks))
+      nxt = _draw(sub, logits, valid, spec, cap)
+      for x, t in zip(samples, np.asarray(nxt).tolist()):
+        if x.result is None:
+          x.push(t)
+      if all(x.result is not None for x in samples) or step == max_new_tokens - 1:
+        break
       logits, _, cache = lm.decode(cache, nxt)
-    rows.extend(np.asarray(jnp.stack(out, axis=1)))
-  texts, answer, reason = [], [], []
-  for row in rows:
-    text, (a, why) = _classify(task, index, tbytes, tok.eos_id, row)
-    texts.append(text)
-    answer.append(a)
-    reason.append(why)
+    for x in samples:
+      a, why = x.result or (-1, "no_terminator")
+      texts.append(x.text)
+      answer.append(a)
+      reason.append(why)
+    bar.update(m)
+  bar.close()
   answer = np.asarray(answer)
   counts = np.bincount(answer[answer >= 0], minlength=len(task.answers))
   valid = int(counts.sum())

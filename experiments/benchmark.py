@@ -5,7 +5,7 @@ Command (from the repository root, in the environment of README.md):
 
   python -m experiments.benchmark --out=results/benchmark
 
-Expected runtime: about 5 minutes on a 2-core CPU (most of it the float64 NumPy references).
+Expected runtime: about 10 minutes on a 2-core CPU.
 Expected output: tables of times (ms) and ratios, and two files:
 - ``metrics.json`` (section ``metrics``): per shape ``floor_ms``, ``calibjax_ms`` (order_stats
   + shape_stats), ``numpy_ref_ms``, ``group_masses16_ms``, the ratios
@@ -17,7 +17,11 @@ Expected output: tables of times (ms) and ratios, and two files:
   ``calibjax_over_floor``, ``sweep32_over_one``, targets met at [64, 262144];
 - ``model.json`` (section ``model``): cold load (GGUF → first logits) and warm load (cache →
   first logits) seconds, prefill of 8 × 128 tokens and greedy decoding of 32 tokens for a
-  batch of 8 in tokens/s, and the same for the PyTorch Gemma 3 (``calibjax_over_peer``).
+  batch of 8 in tokens/s, and the same for the PyTorch Gemma 3 (``calibjax_over_peer``);
+- ``sequence.json`` (section ``sequence``): US states on the packaged model, exact
+  enumeration for 64 samplers (7 rules × 8 values, oracle_set × 8 temperatures; wall time,
+  nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
+  ``mc1000_one_sampler_over_exact_64_samplers``.
 All record versions, backend and device.
 """
 
@@ -34,8 +38,9 @@ _N_VALID = flags.DEFINE_integer("n_valid", 50, "Valid tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed runs of the NumPy reference.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs.")
-_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation", "model"],
-                                    ["metrics", "truncation", "model"], "Sections to run.")
+_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation", "model", "sequence"],
+                                    ["metrics", "truncation", "model", "sequence"],
+                                    "Sections to run.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-peer/bin/python",
                                    "Python of the PyTorch peer environment ('' to skip).")
 
@@ -75,6 +80,11 @@ def main(argv):
             "prefill_calibjax_over_peer", "decode_calibjax_over_peer")
     _write("model.json", report,
            "\n".join(f"{k:28s} {report[k]:.2f}" for k in keys if k in report))
+  if "sequence" in _SECTIONS.value:
+    report = benchmarking.run_sequence_benchmark(benchmarking.SequenceBenchmarkConfig(
+        seed=_SEED.value))
+    keys = ("exact_s", "nodes_expanded", "mc_s", "mc1000_one_sampler_over_exact_64_samplers")
+    _write("sequence.json", report, "\n".join(f"{k:42s} {report[k]:.2f}" for k in keys))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from calibjax import numpy_reference as ref
 from calibjax import sequence, tasks, truncation
 from calibjax.models import LanguageModel
 from calibjax.validity import token_bytes
@@ -14,7 +15,8 @@ from tests.models import tiny
 # Answers that share prefixes ("a" / "ab"), two leading texts, two terminators.
 TASK = tasks.from_dict({"name": "tiny", "description": "", "prompts": ["ab"],
                         "answers": ["ab", "b", "a", "ba"], "terminators": ["\n", "."]})
-SAMPLERS = ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "oracle_set"]
+SAMPLERS = ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "top_p=0.8", "top_p=0.95", "oracle_set",
+            "oracle_rank=0.9,t=1.3"]
 
 
 class SmallTokenizer:
@@ -35,6 +37,25 @@ def lm():
   return LanguageModel(model, SmallTokenizer(), "small")
 
 
+def reference_probs(z, valid, spec):
+  """p_S over the vocabulary, float64, from the NumPy reference keep mask."""
+  keep = ref.truncate_chain(z, spec.rules, spec.temperature, valid)
+  a = np.where(keep, ref._scaled(z, spec.temperature), -np.inf)
+  p = np.exp(a - a.max())
+  return p / p.sum()
+
+
+def valid_mask(tok, task, text):
+  """String-prefix oracle: the tokens that keep ``text`` a prefix of a full answer."""
+  tb = token_bytes(tok.vocab, tok.types)
+  full = {(l + a + x).encode() for l in task.leading for a in task.answers for x in task.terminators}
+  complete = {(l + a).encode() for l in task.leading for a in task.answers}
+  prefixes = {s[:k] for s in full for k in range(1, len(s) + 1)}
+  valid = np.array([b is not None and b != b"" and text + b in prefixes for b in tb])
+  valid[tok.eos_id] = text in complete
+  return valid
+
+
 def brute_force(lm, task, sampler):
   """P_S(answer) by depth-first enumeration of every valid token sequence."""
   tok = lm.tokenizer
@@ -49,9 +70,8 @@ def brute_force(lm, task, sampler):
 
   def visit(path, text, prob):
     z = np.asarray(lm.logits(np.array([prompt + path]))[0, -1], np.float32)
-    valid = np.array([b is not None and b != b"" and text + b in prefixes for b in tb])
-    valid[tok.eos_id] = text in complete
-    p = sequence._sampler_probs(z[None], valid[None], spec)[0]
+    valid = valid_mask(tok, task, text)
+    p = reference_probs(z, valid, spec)
     for v in np.flatnonzero(valid):
       if p[v] == 0:
         continue
@@ -74,8 +94,29 @@ def test_exact_equals_brute_force_on_a_tiny_model(lm):
     want = brute_force(lm, TASK, s)
     np.testing.assert_allclose(r.answer_probs, want, rtol=1e-5, atol=1e-9, err_msg=s)
     assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-6)
-  oracle = res.samplers[-1]
+  oracle = res.samplers[SAMPLERS.index("oracle_set")]
   assert oracle.seq_validity == pytest.approx(1.0, abs=1e-6) and oracle.invalid_mass < 1e-9
+
+
+def test_compounding_along_canonical_paths(lm):
+  """Per-step validity along each answer's canonical path (" " + answer + "\\n") equals the
+  reference sampler's valid mass at each prefix; path_validity is their product."""
+  res = sequence.exact(lm, TASK, SAMPLERS[:3], bound=0.2, progress=False)  # some prefixes unexpanded
+  tok = lm.tokenizer
+  prompt = tok.encode(TASK.prompts[0])
+  for path, answer in zip(res.canonical_paths, TASK.answers):
+    assert path == tuple(tok.encode(" " + answer + "\n", add_bos=False))
+  for k, s in enumerate(SAMPLERS[:3]):
+    spec = truncation.Sampler.parse(s)
+    r = res.samplers[k]
+    for i, path in enumerate(res.canonical_paths):
+      want = []
+      for j in range(len(path)):
+        z = np.asarray(lm.logits(np.array([prompt + list(path[:j])]))[0, -1], np.float32)
+        valid = valid_mask(tok, TASK, "".join(tok.vocab[t] for t in path[:j]).encode())
+        want.append(reference_probs(z, valid, spec)[valid].sum())
+      np.testing.assert_allclose(r.step_validity[i], want, rtol=1e-5, err_msg=(s, i))
+      assert r.path_validity[i] == pytest.approx(np.prod(want), rel=1e-5)
 
 
 def test_bound_and_metrics(lm):
@@ -95,17 +136,31 @@ def test_bound_and_metrics(lm):
     assert r.kl_to_target == np.inf
 
 
-def test_packaged_model_coin_flip(gemma):
-  task = tasks.load("coin_flip")
-  res = sequence.exact(gemma, task, ["t=1", "top_p=0.9", "oracle_set,t=2"], bound=1e-3,
-                       progress=False)
-  for r in res.samplers:
+PACKAGED = ["t=1", "top_k=2,t=1.5", "oracle_rank=0.95,t=2"]  # the second truncates heavily
+
+
+@pytest.mark.parametrize("task_name", ["coin_flip", "weekdays", "integers_1_20"])
+def test_packaged_model_monte_carlo_agrees_with_exact(gemma, task_name):
+  """Exact values inside the Monte Carlo intervals: seq_validity at 99.9%, each answer's
+  probability at 1 − 0.001/|A| (Bonferroni over the answers)."""
+  import jax
+  task = tasks.load(task_name)
+  res = sequence.exact(gemma, task, PACKAGED, bound=1e-3, progress=False)
+  n = 600
+  for k, (s, r) in enumerate(zip(PACKAGED, res.samplers)):
     assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-5)
-    assert r.unexplored_mass <= 1e-3
-  assert res.samplers[2].seq_validity == pytest.approx(1.0, abs=1e-3)
+    assert r.unexplored_mass <= 1e-3 and res.bound_reached
+    mc = sequence.sample(gemma, task, s, n, jax.random.key(k), confidence=0.999,
+                         batch_size=300, progress=False)
+    lo, hi = mc.seq_validity_ci
+    assert lo - 1e-3 <= r.seq_validity <= hi + 1e-3, (s, r.seq_validity, mc.seq_validity_ci)
+    ci = sequence.wilson(mc.counts, n, 1 - 0.001 / len(task.answers))
+    for a, p in enumerate(r.answer_probs):
+      assert ci[a, 0] - 1e-3 <= p <= ci[a, 1] + 1e-3, (s, task.answers[a], p, ci[a])
 
 
-@pytest.mark.parametrize("sampler", ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5"])
+@pytest.mark.parametrize("sampler", ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "oracle_set,t=1.5",
+                                     "oracle_rank=0.9"])
 def test_monte_carlo_agrees_with_exact(lm, sampler):
   import jax
   exact = sequence.exact(lm, TASK, [sampler], bound=0.0, progress=False).samplers[0]

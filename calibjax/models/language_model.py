@@ -116,7 +116,7 @@ class LanguageModel:
   @staticmethod
   def repeat(cache: KVCache, n: int) -> KVCache:
     """A batch-1 ``cache`` copied into ``n`` rows."""
-    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else x, cache)
+    return jax.tree.map(lambda x: jnp.repeat(x, n, axis=0) if x.ndim else jnp.array(x), cache)
 
   def decode(self, cache: KVCache, tokens):
     """Appends one token per row; returns its logits ``[B, V]``, hidden ``[B, d]``, cache.
