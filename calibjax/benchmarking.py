@@ -340,7 +340,7 @@ class SequenceBenchmarkConfig:
 
 
 def sequence_samplers() -> list[str]:
-  """64 samplers: 8 values of each of the 7 rules at T = 1, and oracle_set at 8 temperatures."""
+  """64 samplers at T = 1: 8 values of each of the 7 rules and of ``oracle_rank``'s τ."""
   values = {
       "top_k": (1, 2, 4, 8, 16, 32, 64, 128),
       "top_p": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0),
@@ -348,9 +348,9 @@ def sequence_samplers() -> list[str]:
       "typical": (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0),
       "epsilon": (0.1, 0.05, 0.02, 0.01, 3e-3, 1e-3, 3e-4, 1e-4),
       "eta": (0.1, 0.05, 0.02, 0.01, 3e-3, 1e-3, 3e-4, 1e-4),
-      "top_n_sigma": (0.5, 1, 1.5, 2, 3, 4, 6, 8)}
-  out = [f"{rule}={v:g}" for rule, vs in values.items() for v in vs]
-  return out + [f"oracle_set,t={t:g}" for t in (0.5, 0.7, 0.85, 1, 1.2, 1.4, 1.7, 2)]
+      "top_n_sigma": (0.5, 1, 1.5, 2, 3, 4, 6, 8),
+      "oracle_rank": (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.999)}
+  return [f"{rule}={v:g}" for rule, vs in values.items() for v in vs]
 
 
 def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) -> dict:

@@ -9,31 +9,109 @@ import tempfile
 from typing import Any
 
 
-def _plain(x: Any) -> Any:
+def _plain(x: Any, strings: bool = True) -> Any:
   """JSON-ready copy: numpy/jax scalars and arrays become Python numbers and lists;
-  non-finite floats become the strings "nan", "inf", "-inf"."""
+  non-finite floats become the strings "nan", "inf", "-inf" (with ``strings``)."""
   if isinstance(x, dict):
-    return {str(k): _plain(v) for k, v in x.items()}
+    return {str(k): _plain(v, strings) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_plain(v) for v in x]
+    return [_plain(v, strings) for v in x]
   if hasattr(x, "tolist"):
-    return _plain(x.tolist())
-  if isinstance(x, float) and not math.isfinite(x):
+    return _plain(x.tolist(), strings)
+  if strings and isinstance(x, float) and not math.isfinite(x):
     return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
   return x
 
 
 def write_json_atomic(path: str, data: Any) -> str:
   """Writes ``data`` as sorted, indented JSON to ``path`` atomically; returns ``path``."""
+  return write_text_atomic(path, json.dumps(_plain(data), indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> str:
+  """Writes ``text`` to ``path`` atomically; returns ``path``."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(_plain(data), f, indent=2, sort_keys=True)
-      f.write("\n")
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
   return path
+
+
+def jsonl(records) -> str:
+  """Records as JSON lines (sorted keys), for :func:`write_text_atomic`."""
+  return "".join(json.dumps(_plain(r), sort_keys=True) + "\n" for r in records)
+
+
+def _git_commit() -> str | None:
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                            text=True, timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return commit + ("-dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def write_manifest(out_dir: str, flags: dict, started: float, **extra) -> str:
+  """``out_dir/manifest.json``: versions, flags, git commit, devices, start and wall time."""
+  import datetime
+  import platform
+  import time
+  from importlib import metadata
+
+  import jax
+  versions = {}
+  for pkg in ("calibjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+              "outlines-core", "gguf"):
+    try:
+      versions[pkg] = metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+      versions[pkg] = None
+  iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+  return write_json_atomic(os.path.join(out_dir, "manifest.json"), {
+      "versions": versions, "python": platform.python_version(), "git_commit": _git_commit(),
+      "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
+      "flags": flags, "started": iso(started), "wall_s": time.time() - started, **extra})
+
+
+class ItemStore:
+  """Completed work items of a run (``out_dir/items/<key>.json``, each written atomically),
+  so that ``--resume`` skips them and an interrupted run (even ``kill -9``) loses nothing
+  that was finished.
+
+  Without ``resume``, a folder that already holds items is an error: nothing is overwritten.
+  """
+
+  def __init__(self, out_dir: str, resume: bool):
+    from calibjax import errors
+    self.folder = os.path.join(out_dir, "items")
+    if not resume and os.path.isdir(self.folder) and any(
+        f.endswith(".json") for f in os.listdir(self.folder)):
+      raise errors.InputError(f"{out_dir} already holds results of a run: pass --resume to "
+                              "continue it, or choose another --out.")
+    os.makedirs(self.folder, exist_ok=True)
+
+  def _path(self, key: str) -> str:
+    return os.path.join(self.folder, f"{key}.json")
+
+  def done(self, key: str) -> bool:
+    return os.path.exists(self._path(key))
+
+  def load(self, key: str) -> Any:
+    with open(self._path(key)) as f:
+      return json.load(f)
+
+  def save(self, key: str, data: Any) -> Any:
+    """Writes the item (non-finite floats kept as JSON's NaN/Infinity, so they read back as
+    floats) and returns it as it reads back."""
+    write_text_atomic(self._path(key), json.dumps(_plain(data, strings=False), sort_keys=True))
+    return self.load(key)

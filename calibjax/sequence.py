@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calibjax import errors, truncation
+from calibjax import errors, selection, truncation
 from calibjax.models.language_model import bucket
+from calibjax.rowwise import map_rows
 from calibjax.tasks import Task
 from calibjax.validity import ValidityIndex, token_bytes
 
@@ -68,7 +69,8 @@ class ExactResult:
   samplers: tuple[SamplerResult, ...]
 
 
-def _progress(enabled: bool, desc: str, unit: str, total: int | None = None):
+def progress_bar(enabled: bool, desc: str, unit: str, total: int | None = None):
+  """A tqdm bar on stderr (a no-op when not ``enabled``)."""
   from tqdm import tqdm
   return tqdm(desc=desc, unit=unit, total=total, file=sys.stderr, disable=not enabled)
 
@@ -110,60 +112,89 @@ def _as_specs(samplers) -> tuple[truncation.Sampler, ...]:
                for s in samplers)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "cap"))
-def _valid_token_probs(z, m, idx, specs, cap):
-  """For every sampler: its probability of the valid tokens ``idx [B, C]`` of each row and
-  its invalid mass ``[B]`` (``[S, B, C]``, ``[S, B]``). Single-rule samplers sharing a rule and
-  a temperature run as one sweep (one selection pass for all their values)."""
+def _groups(specs):
+  """Samplers grouped for evaluation: single rules sharing a rule and a temperature (one
+  sweep), ``oracle_set`` alone, and every other chain on its own."""
   groups: dict = {}
   for k, s in enumerate(specs):
-    if len(s.rules) == 1 and s.rules[0][0] in truncation.RULES:
-      groups.setdefault((s.rules[0][0], s.temperature), []).append(k)
+    rule = s.rules[0][0] if len(s.rules) == 1 else None
+    if rule in truncation.RULES or rule == truncation.ORACLE_SET:
+      groups.setdefault((rule, s.temperature), []).append(k)
     else:
-      groups[(str(s), k)] = [k]
-  probs, invalid = [None] * len(specs), [None] * len(specs)
-  for (head, t_or_k), members in groups.items():
-    if head in truncation.RULES:
-      t = t_or_k
-      values = truncation.sweep([specs[k].rules[0][1] for k in members])
-      tr = truncation.truncate(z, head, values, temperature=t, valid_mask=m)
-    else:
-      t = specs[members[0]].temperature
-      tr = jax.tree.map(lambda x: x[None], truncation.truncate_chain(
-          z, specs[members[0]], valid_mask=m, max_valid=cap))
+      groups[(None, k)] = [k]
+  return groups
+
+
+def _row_valid_probs(z, m, idx, real, specs):
+  """One row: each sampler's probability ``[C]`` of the tokens ``idx`` (``real`` marks the
+  valid ones, which are the whole valid set) and its invalid mass ``[]``."""
+  out, bad = [None] * len(specs), [None] * len(specs)
+  for (rule, t), members in _groups(specs).items():
+    if rule is None:
+      continue
     a = z / t
-    log_p = a - jax.scipy.special.logsumexp(a, axis=-1, keepdims=True)
-    p_idx = jnp.exp(jnp.take_along_axis(log_p, idx, axis=-1))              # [B, C]
-    keep = jnp.take_along_axis(tr.keep, jnp.broadcast_to(idx, tr.keep.shape[:-1] + idx.shape[-1:]),
-                               axis=-1)                                   # [n, B, C]
-    p = jnp.where(keep, p_idx / tr.kept_mass[..., None], 0.0)
+    top, log_total, p = truncation._softmax_parts(a)
+    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
+    if rule == truncation.ORACLE_SET:  # keep exactly the valid set
+      out[members[0]], bad[members[0]] = p_idx / jnp.sum(p_idx), jnp.zeros(())
+      continue
+    values = jnp.asarray([specs[k].rules[0][1] for k in members], jnp.float32)
+    x, theta, _ = truncation._cut(rule, a, m, values)
+    alive = a > -jnp.inf
+    kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
+    keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
+    probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
     for j, k in enumerate(members):
-      probs[k], invalid[k] = p[j], jnp.maximum(1.0 - tr.validity[j], 0.0)
-  return jnp.stack(probs), jnp.stack(invalid)
+      out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
+  return out, bad
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "cap"))
+def _valid_token_probs(z, m, idx, real, specs, cap):
+  """Every sampler's probability of the valid tokens ``idx [B, C]`` (``real`` marks them;
+  C covers each row's whole valid set): ``[S, B, C]``. Single rules run row by row on one
+  score and cut per (rule, temperature) for all their values and one mass pass; the valid
+  tokens' own probabilities are gathered, so no ``[B, V]`` keep mask is formed. Also returns
+  each sampler's invalid mass ``[S, B]``."""
+  rows, bad = map_rows(lambda *r: _row_valid_probs(*r, specs), z, m, idx, real,
+                  batch_shape=z.shape[:-1])
+  for (rule, k), members in _groups(specs).items():
+    if rule is None:  # chains and oracle_rank: the general path
+      tr = truncation.truncate_chain(z, specs[k], valid_mask=m, max_valid=cap)
+      a = z / specs[k].temperature
+      log_p = a - jax.scipy.special.logsumexp(a, axis=-1, keepdims=True)
+      keep = jnp.take_along_axis(tr.keep, idx, axis=-1) & real
+      rows[k] = jnp.where(keep, jnp.exp(jnp.take_along_axis(log_p, idx, axis=-1))
+                          / tr.kept_mass[..., None], 0.0)
+      bad[k] = 1.0 - tr.validity
+  return jnp.stack(rows), jnp.stack(bad)
 
 
 @dataclasses.dataclass
-class _Node:
+class Node:
+  """A node of the valid-prefix tree: token ``path`` after the prompt, the validity engine's
+  ``state`` and the ``text`` so far, and the path's probability under each sampler."""
   path: tuple[int, ...]
   state: int
   text: bytes
-  mass: np.ndarray  # [S] probability of the path under each sampler
+  mass: np.ndarray
 
 
-class _Evaluator:
-  """Next-token probabilities of the samplers at token paths after the prompt: the prompt's
-  KV cache is computed once and every batch of paths runs on top of it."""
+class NodeEvaluator:
+  """The model at valid-prefix tree nodes: the prompt's KV cache is computed once and every
+  batch of node paths runs on top of it (``batch_size`` rows per call, a fixed shape)."""
 
-  def __init__(self, lm, prompt_ids, index, specs, batch_size, max_depth):
+  def __init__(self, lm, prompt_ids, index, specs=(), batch_size=32, max_depth=24):
     if len(prompt_ids) < 2:
       raise errors.InputError("the prompt is empty: it must hold at least one token after BOS.")
     self.lm, self.index, self.specs, self.batch_size = lm, index, specs, batch_size
     self.last = int(prompt_ids[-1])  # each path restarts from it: the root is a path too
+    self.cap = 8
     _, _, self.cache = lm.prefill(np.asarray([prompt_ids[:-1]]), max_new_tokens=max_depth + 1)
 
-  def __call__(self, nodes):
-    """``(valid token ids [b, C] with -1 padding, their probabilities [S, b, C] (0 at the
-    padding), invalid mass [S, b])``."""
+  def logits(self, nodes):
+    """``(logits [batch_size, V], valid masks [batch_size, V])``; rows past ``len(nodes)``
+    repeat the first node."""
     n = len(nodes)
     rows = [(self.last,) + node.path for node in nodes]
     rows += rows[:1] * (self.batch_size - n)
@@ -174,15 +205,21 @@ class _Evaluator:
       ids[i, :len(r)], mask[i, :len(r)] = r, True
     logits, _ = self.lm.extend(self.cache, ids, mask)
     valid = [self.index.mask(node.state, node.text) for node in nodes]
-    valid += valid[:1] * (self.batch_size - n)
+    return logits, np.stack(valid + valid[:1] * (self.batch_size - n))
+
+  def __call__(self, nodes):
+    """``(valid token ids [b, C] with -1 padding, each sampler's probabilities of them
+    [S, b, C] (0 at the padding), invalid mass [S, b])``."""
+    n = len(nodes)
+    logits, valid = self.logits(nodes)
     tokens = [np.flatnonzero(v) for v in valid]
-    cap = bucket(max(map(len, tokens)), minimum=8)
-    idx = np.stack([np.pad(t, (0, cap - len(t)), constant_values=t[0]) for t in tokens])
-    probs, invalid = _valid_token_probs(logits, jnp.asarray(np.stack(valid)), jnp.asarray(idx),
-                                        self.specs, cap)
-    real = np.stack([np.pad(t, (0, cap - len(t)), constant_values=-1) for t in tokens])[:n]
-    probs = np.where(real >= 0, np.asarray(probs, np.float64)[:, :n], 0.0)
-    return real, probs, np.asarray(invalid, np.float64)[:, :n]
+    self.cap = max(self.cap, bucket(max(map(len, tokens)), minimum=8))  # grows: few compiles
+    idx = np.stack([np.pad(t, (0, self.cap - len(t)), constant_values=-1) for t in tokens])
+    probs, invalid = _valid_token_probs(
+        logits, jnp.asarray(valid), jnp.asarray(np.maximum(idx, 0)),
+        jnp.asarray(idx >= 0), self.specs, self.cap)
+    return (idx[:n], np.asarray(probs, np.float64)[:, :n],
+            np.maximum(np.asarray(invalid, np.float64)[:, :n], 0.0))
 
 
 def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
@@ -223,17 +260,17 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt = task.prompts[0] if prompt is None else prompt
-  evaluate = _Evaluator(lm, tok.encode(prompt), index, specs, batch_size, max_depth)
+  evaluate = NodeEvaluator(lm, tok.encode(prompt), index, specs, batch_size, max_depth)
   n_s, n_a = len(specs), len(task.answers)
   answer_probs = np.zeros((n_s, n_a))
   invalid = np.zeros(n_s)
   step_validity: dict[tuple[int, ...], np.ndarray] = {}
   counter = itertools.count()
-  heap = [(-1.0, next(counter), _Node((), index.initial_state, b"", np.ones(n_s)))]
+  heap = [(-1.0, next(counter), Node((), index.initial_state, b"", np.ones(n_s)))]
   too_deep = np.zeros(n_s)
   queued = np.ones(n_s)
   expanded = 0
-  bar = _progress(progress, f"exact {task.name}", "node")
+  bar = progress_bar(progress, f"exact {task.name}", "node")
   while heap and queued.max() > bound and expanded < max_nodes:
     batch = [heapq.heappop(heap)[2] for _ in range(min(batch_size, len(heap)))]
     for node in batch:
@@ -251,7 +288,7 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
         if v == tok.eos_id:  # valid only after a complete answer (final nodes never expand)
           answer_probs[:, _answer_index(task, node.text, terminated=False)] += p_child
           continue
-        child = _Node(node.path + (int(v),), index.advance(node.state, v),
+        child = Node(node.path + (int(v),), index.advance(node.state, v),
                       node.text + tbytes[v], p_child)
         if index.is_final(child.state):
           answer_probs[:, _answer_index(task, child.text, terminated=True)] += p_child
@@ -289,7 +326,7 @@ def _canonical_step_validity(paths, known, index, tbytes, evaluate, n_s):
       if state is None:
         break
       if prefix not in known and prefix not in todo:
-        todo[prefix] = _Node(prefix, state, text, np.zeros(n_s))
+        todo[prefix] = Node(prefix, state, text, np.zeros(n_s))
       state = index.advance(state, path[j])
       text += tbytes[path[j]] or b""
   nodes = list(todo.values())
@@ -390,7 +427,7 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt_ids = tok.encode(task.prompts[0] if prompt is None else prompt)
   logits0, _, prompt_cache = lm.prefill(np.asarray([prompt_ids]), max_new_tokens=max_new_tokens)
-  bar = _progress(progress, f"sample {task.name} {spec}", "sample", n)
+  bar = progress_bar(progress, f"sample {task.name} {spec}", "sample", n)
   texts, answer, reason = [], [], []
   for start in range(0, n, batch_size):
     m = min(batch_size, n - start)

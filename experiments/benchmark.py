@@ -19,7 +19,7 @@ Expected output: tables of times (ms) and ratios, and two files:
   first logits) seconds, prefill of 8 × 128 tokens and greedy decoding of 32 tokens for a
   batch of 8 in tokens/s, and the same for the PyTorch Gemma 3 (``calibjax_over_peer``);
 - ``sequence.json`` (section ``sequence``): US states on the packaged model, exact
-  enumeration for 64 samplers (7 rules × 8 values, oracle_set × 8 temperatures; wall time,
+  enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time,
   nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
   ``mc1000_one_sampler_over_exact_64_samplers``.
 All record versions, backend and device.

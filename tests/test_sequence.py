@@ -169,10 +169,10 @@ def test_monte_carlo_agrees_with_exact(lm, sampler):
                        batch_size=1000, confidence=0.999)
   assert len(mc.texts) == 3000 and set(mc.reason) <= {"valid", "wrong", "early_eos",
                                                        "no_terminator"}
-  lo, hi = mc.seq_validity_ci
-  assert lo <= exact.seq_validity <= hi, (exact.seq_validity, mc.seq_validity_ci)
+  lo, hi = mc.seq_validity_ci  # exact values carry float32 rounding (~1e-7)
+  assert lo - 1e-6 <= exact.seq_validity <= hi + 1e-6, (exact.seq_validity, mc.seq_validity_ci)
   for a, (p, (lo, hi)) in enumerate(zip(exact.answer_probs, mc.answer_ci)):
-    assert lo <= p <= hi, (TASK.answers[a], p, lo, hi)
+    assert lo - 1e-6 <= p <= hi + 1e-6, (TASK.answers[a], p, lo, hi)
   # the same key gives the same samples, another key other ones
   run = lambda seed: sequence.sample(lm, TASK, sampler, 40, jax.random.key(seed),
                                      max_new_tokens=8).texts

@@ -1,0 +1,112 @@
+"""Figures drawn from the JSON results (never from anything else), with matplotlib (Agg).
+
+- :func:`shape_figure`: per task, the path-weighted mass of over-represented valid, other
+  valid and invalid tokens against temperature (the paper's shape figure);
+- :func:`order_figure`: per task, precision, recall and validity of the top-r set against the
+  cutoff r (the paper's order figure);
+- :func:`frontier_figure`: per task, seq_validity vs coverage@N for every sampler family, the
+  oracle samplers marked, the ideal point starred.
+
+Each returns the figure; :func:`save` writes a PNG atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _panels(n: int, width: float = 4.2, height: float = 3.4):
+  plt = _pyplot()
+  cols = min(n, 3)
+  rows = math.ceil(n / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  for ax in axes.flat[n:]:
+    ax.set_visible(False)
+  return fig, list(axes.flat[:n])
+
+
+def shape_figure(summaries: dict):
+  """``summaries``: ``{task: diagnose summary}`` (``summary.json`` of ``diagnose``)."""
+  fig, axes = _panels(len(summaries))
+  for ax, (task, s) in zip(axes, summaries.items()):
+    m, temps = s["weighted_mean"], s["temperatures"]
+    ax.stackplot(temps, m["group_over"], m["group_under"], m["group_invalid"],
+                 labels=["valid, over-represented at T=1", "valid, other", "invalid"],
+                 colors=["#2b6cb0", "#90cdf4", "#e53e3e"], alpha=0.85)
+    ax.set(xscale="log", xlabel="temperature", ylabel="probability mass", ylim=(0, 1),
+           title=f"{task} ({s['nodes']} positions)")
+    ax.axvline(1.0, color="k", lw=0.6, ls=":")
+  axes[0].legend(loc="lower left", fontsize=7)
+  fig.suptitle("Shape: where the mass goes as temperature rises")
+  fig.tight_layout()
+  return fig
+
+
+def order_figure(summaries: dict):
+  """Precision / recall / validity of the top-r tokens against r (path-weighted means)."""
+  fig, axes = _panels(len(summaries))
+  for ax, (task, s) in zip(axes, summaries.items()):
+    m, cuts = s["weighted_mean"], s["cutoffs"]
+    for key, color in (("cutoff_precision", "#2b6cb0"), ("cutoff_recall", "#38a169"),
+                       ("cutoff_validity", "#e53e3e")):
+      ax.plot(cuts, m[key], marker="o", ms=3, color=color, label=key.split("_")[1])
+    ax.set(xscale="log", xlabel="cutoff rank r (top-r tokens kept)", ylim=(0, 1.02),
+           title=f"{task} (AUROC {m['auroc']:.3f})")
+  axes[0].legend(loc="lower left", fontsize=7)
+  fig.suptitle("Order: are valid tokens ranked above invalid ones?")
+  fig.tight_layout()
+  return fig
+
+
+def frontier_figure(frontiers: dict):
+  """``frontiers``: ``{task: frontier result}`` (``frontier.json`` of ``frontier``)."""
+  import matplotlib
+  fig, axes = _panels(len(frontiers), 4.8, 3.8)
+  colors = matplotlib.colormaps["tab10"]
+  for ax, (task, f) in zip(axes, frontiers.items()):
+    n = str(f["coverage_n"])
+    fams = sorted({p["family"] for p in f["points"]})
+    for i, fam in enumerate(fams):
+      pts = sorted((p for p in f["points"] if p["family"] == fam),
+                   key=lambda p: p["seq_validity"])
+      x = [p["seq_validity"] for p in pts]
+      y = [p["coverage"][n] for p in pts]
+      if fam in ("oracle_set", "oracle_rank"):
+        ax.scatter(x, y, marker="D" if fam == "oracle_set" else "s", s=28, color="k",
+                   facecolors="none" if fam == "oracle_rank" else "k", label=fam, zorder=3)
+      else:
+        ax.plot(x, y, marker="o", ms=3, lw=1, color=colors(i % 10), label=fam)
+    ax.scatter([f["ideal"][0]], [f["ideal"][1]], marker="*", s=140, color="gold",
+               edgecolors="k", label="ideal", zorder=4)
+    ax.set(xlabel="sequence validity", ylabel=f"expected coverage@{n}", xlim=(0, 1.02),
+           ylim=(0, 1.02), title=task)
+  axes[0].legend(fontsize=6, loc="lower left")
+  fig.suptitle("Validity vs diversity, exact (every rule x parameter x temperature)")
+  fig.tight_layout()
+  return fig
+
+
+def save(fig, path: str) -> str:
+  """Writes ``fig`` as a PNG to ``path`` atomically and closes it; returns ``path``."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+  os.close(fd)
+  try:
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  finally:
+    _pyplot().close(fig)
+  return path

@@ -1,0 +1,64 @@
+"""Flags shared by the experiment binaries, and the run scaffolding they share: loading the
+model and tasks named on the command line (with errors that list the valid choices), the
+output folder's item store (``--resume``) and manifest.
+
+Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
+directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
+``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import flags, logging
+
+from calibjax import errors, models, results, tasks
+
+MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model name, .gguf file or HF directory.")
+TASK = flags.DEFINE_multi_string("task", ["us_states"],
+                                 "Task name, task file path, or 'all' (repeatable).")
+OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
+SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Tree nodes or samples per model call.")
+RESUME = flags.DEFINE_bool("resume", False, "Continue a run in --out, skipping finished items.")
+CACHE_DIR = flags.DEFINE_string("cache_dir", None,
+                                "Model and validity-index cache (default ~/.cache/calibjax).")
+
+
+class Run:
+  """One binary's run: the item store of ``--out`` and, at the end, its manifest."""
+
+  def __init__(self, name: str):
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
+    self.name, self.out, self.started = name, OUT.value, time.time()
+    self.items = results.ItemStore(self.out, RESUME.value)
+
+  def finish(self, **extra) -> None:
+    """Writes ``manifest.json``: every flag of the binary and of this module, and ``extra``."""
+    values = {}
+    for module, defined in flags.FLAGS.flags_by_module_dict().items():
+      if "experiments" in module or module == sys.argv[0]:
+        values.update({f.name: f.value for f in defined})
+    results.write_manifest(self.out, {"binary": self.name, **values}, self.started, **extra)
+
+
+def load_tasks() -> list[tasks.Task]:
+  """The ``--task`` values (``all``: the whole built-in suite), each a name or a file."""
+  out = []
+  for value in TASK.value:
+    out += tasks.load_all() if value == "all" else [tasks.load(value)]
+  names = [t.name for t in out]
+  if len(set(names)) != len(names):
+    raise errors.InputError(f"--task names a task twice: {names}.")
+  return out
+
+
+def load_model():
+  return models.load(MODEL.value, cache_dir=CACHE_DIR.value)
+
+
+def validity_cache() -> str:
+  import os
+  return os.path.join(CACHE_DIR.value or models.default_cache_dir(), "validity")
