@@ -43,7 +43,9 @@ def shape_figure(summaries: dict):
                  labels=["valid, over-represented at T=1", "valid, other", "invalid"],
                  colors=["#2b6cb0", "#90cdf4", "#e53e3e"], alpha=0.85)
     ax.set(xscale="log", xlabel="temperature", ylabel="probability mass", ylim=(0, 1),
-           title=f"{task} ({s['nodes']} positions)")
+           xlim=(min(temps), max(temps)), title=f"{task} ({s['nodes']} positions)")
+    ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.minorticks_off()
     ax.axvline(1.0, color="k", lw=0.6, ls=":")
   axes[0].legend(loc="lower left", fontsize=7)
   fig.suptitle("Shape: where the mass goes as temperature rises")

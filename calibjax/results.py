@@ -36,6 +36,7 @@ def write_text_atomic(path: str, text: str) -> str:
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)

@@ -135,8 +135,10 @@ def _row_valid_probs(z, m, idx, real, specs):
     a = z / t
     top, log_total, p = truncation._softmax_parts(a)
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-    if rule == truncation.ORACLE_SET:  # keep exactly the valid set
-      out[members[0]], bad[members[0]] = p_idx / jnp.sum(p_idx), jnp.zeros(())
+    if rule == truncation.ORACLE_SET:  # softmax over the valid logits (never underflows)
+      a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
+      e = jnp.exp(a_idx - jnp.max(a_idx))
+      out[members[0]], bad[members[0]] = e / jnp.sum(e), jnp.zeros(())
       continue
     values = jnp.asarray([specs[k].rules[0][1] for k in members], jnp.float32)
     x, theta, _ = truncation._cut(rule, a, m, values)
@@ -218,8 +220,15 @@ class NodeEvaluator:
     probs, invalid = _valid_token_probs(
         logits, jnp.asarray(valid), jnp.asarray(np.maximum(idx, 0)),
         jnp.asarray(idx >= 0), self.specs, self.cap)
-    return (idx[:n], np.asarray(probs, np.float64)[:, :n],
-            np.maximum(np.asarray(invalid, np.float64)[:, :n], 0.0))
+    probs = np.asarray(probs, np.float64)[:, :n]
+    invalid = np.asarray(invalid, np.float64)[:, :n]
+    bad = ~(np.isfinite(probs).all(axis=2) & np.isfinite(invalid))
+    if bad.any():
+      k, i = np.argwhere(bad)[0]
+      raise errors.NonFiniteLogitsError(
+          f"sampler {self.specs[k]} gives non-finite probabilities at the node after "
+          f"{nodes[i].text!r} (token path {list(nodes[i].path)}); are the model's logits finite?")
+    return idx[:n], probs, np.maximum(invalid, 0.0)
 
 
 def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:

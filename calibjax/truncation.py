@@ -198,7 +198,9 @@ def _softmax_parts(a):
   top = jnp.max(a)
   e = jnp.exp(a - top)
   total = jnp.sum(e)
-  return top, jnp.log(total), e / total
+  # computed once: XLA may otherwise recompute a reduction in two fusions with different
+  # summation orders, and a cut clamped to max(x) would then miss the top token
+  return jax.lax.optimization_barrier((top, jnp.log(total), e / total))
 
 
 def _select_value(x, weights, targets, alive):
@@ -211,7 +213,10 @@ def _select_value(x, weights, targets, alive):
 
 
 def _cut(rule, a, m, params):
-  """Score ``x [V]``, cuts ``θ [S]`` and reported thresholds ``[S]`` of ``rule`` on ``a``."""
+  """Score ``x [V]``, cuts ``θ [S]`` and reported thresholds ``[S]`` of ``rule`` on ``a``.
+
+  Scores derived from ``a`` pass an optimisation barrier before a cut is taken from them, so
+  the comparisons ``x ≥ θ`` see the very values ``θ`` was clamped to."""
   top, log_total, p = _softmax_parts(a)
   alive = a > -jnp.inf
   as_prob = lambda theta: jnp.exp(theta - top - log_total)
@@ -232,7 +237,7 @@ def _cut(rule, a, m, params):
   if rule == "typical":
     log_p = a - top - log_total
     entropy = -jnp.sum(jnp.where(alive, p * log_p, 0.0))
-    x = jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf)
+    x = jax.lax.optimization_barrier(jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf))
     theta = _select_value(x, p, whole(params), alive)
     return x, theta, -theta
   if rule == ORACLE_RANK:  # params: the oracle cutoff on a, found by truncate_chain
@@ -254,6 +259,7 @@ def _cut(rule, a, m, params):
     log_theta = jnp.minimum(jnp.log(params), 0.5 * jnp.log(params) - entropy)
   else:
     raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + ORACLES}.")
+  x = jax.lax.optimization_barrier(x)
   theta = jnp.minimum(log_theta, jnp.max(x))
   return x, theta, jnp.exp(theta if rule != "min_p" else theta - log_total)
 

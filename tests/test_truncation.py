@@ -172,3 +172,18 @@ def test_permutation_and_shift_invariance(z, rule, data):
   np.testing.assert_array_equal(np.asarray(cj.truncate((z + shift)[None], rule, param).keep[0]),
                                 keep)
   assert keep.any()
+
+
+def test_top_token_is_kept_when_rules_share_one_compiled_function():
+  """Regression: with several rules in one jit, XLA recomputed a row's log-normaliser in two
+  fusions with different rounding, and a cut clamped to max(x) then kept no token at all."""
+  z = jnp.asarray(np.random.default_rng(5).normal(0, 3, (32, 50_000)), jnp.float32)
+
+  @jax.jit
+  def both(z):
+    k = cj.truncate(z, "top_k", cj.sweep([1, 2, 5, 100]), temperature=1.5, return_keep=False)
+    e = cj.truncate(z, "epsilon", cj.sweep([0.9, 0.5, 0.01]), temperature=1.5, return_keep=False)
+    return k.kept_count, e.kept_count
+
+  k, e = both(z)
+  assert np.all(np.asarray(e) >= 1) and np.all(np.asarray(k) >= 1)
