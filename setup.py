@@ -34,7 +34,9 @@ setup(
     package_data={"calibjax": ["task_suite/*.json"]},
     install_requires=STACK,
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-xdist==3.8.0"],
+        # nbclient + ipykernel: the test that runs the quickstart notebook headless
+        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-xdist==3.8.0", "nbclient==0.11.0",
+                 "nbformat==5.11.1", "ipykernel==7.4.0"],
         "plots": ["matplotlib==3.11.2"],
     },
 )

@@ -70,11 +70,14 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *,
 
   Each node record: ``path`` (token ids after the prompt), ``text``, ``depth``, ``path_prob``
   and the metrics (:data:`SCALARS`; ``group_over/under/invalid`` per temperature;
-  ``cutoff_precision/recall/validity`` per cutoff). The summary holds path-probability-weighted
+  ``cutoff_precision/recall/validity`` per cutoff; cutoffs above the vocabulary size are
+  dropped). The summary holds path-probability-weighted
   means of every scalar and curve (over the nodes where each is defined), the root's record,
   and the node count; see :func:`summarise`.
   """
   tok = lm.tokenizer
+  vocab = len(tok.vocab)
+  cfg = dataclasses.replace(cfg, cutoffs=tuple(c for c in cfg.cutoffs if c <= vocab) or (vocab,))
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt = task.prompts[cfg.prompt_index]

@@ -7,28 +7,24 @@
 - :func:`frontier_figure`: per task, seq_validity vs coverage@N for every sampler family, the
   oracle samplers marked, the ideal point starred.
 
-Each returns the figure; :func:`save` writes a PNG atomically.
+Each returns a ``matplotlib.figure.Figure`` (no pyplot state, any backend); :func:`save`
+writes it as a PNG atomically, :func:`png` returns the PNG bytes (for notebooks).
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import tempfile
 
 
-def _pyplot():
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  return plt
-
-
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
-  plt = _pyplot()
+  from matplotlib.figure import Figure
   cols = min(n, 3)
   rows = math.ceil(n / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+  fig = Figure(figsize=(width * cols, height * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax in axes.flat[n:]:
     ax.set_visible(False)
   return fig, list(axes.flat[:n])
@@ -98,17 +94,23 @@ def frontier_figure(frontiers: dict):
 
 
 def save(fig, path: str) -> str:
-  """Writes ``fig`` as a PNG to ``path`` atomically and closes it; returns ``path``."""
+  """Writes ``fig`` as a PNG to ``path`` atomically; returns ``path``."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
   os.close(fd)
   try:
     fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     os.unlink(tmp)
     raise
-  finally:
-    _pyplot().close(fig)
   return path
+
+
+def png(fig) -> bytes:
+  """``fig`` as PNG bytes (``IPython.display.Image(png(fig))`` shows it anywhere)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110)
+  return buf.getvalue()

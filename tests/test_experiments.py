@@ -1,0 +1,178 @@
+"""The experiment binaries end to end on a tiny GGUF model and tiny task files: outputs parse
+and hold their fields, plots are PNGs drawn from the JSON numbers, interrupted runs resume to
+identical outputs, bad flags give errors that list the choices."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from absl.testing import flagsaver
+
+from calibjax import diagnostics, errors, plots, sequence
+from experiments import diagnose, frontier, sample
+from tests.models import tiny
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("experiments")
+  model = str(root / "tiny.gguf")
+  tiny.write_gguf(model, tiny.model(seed=3))
+  task_files = []
+  for name, answers in (("tiny_ab", ["ab", "b", "a", "ba"]), ("tiny_ba", ["a", "bb", "aba"])):
+    path = root / f"{name}.json"
+    path.write_text(json.dumps({"name": name, "description": "test task", "prompts": ["ab"],
+                                "answers": answers, "terminators": ["\n", "."]}))
+    task_files.append(str(path))
+  return {"model": model, "tasks": task_files, "cache_dir": str(root / "cache"), "root": root}
+
+
+def run(module, setup, out, **extra):
+  with flagsaver.flagsaver(model=setup["model"], task=setup["tasks"], out=str(out),
+                           cache_dir=setup["cache_dir"], batch_size=8, **extra):
+    return module.run()
+
+
+def read(path):
+  with open(path) as f:
+    return f.read()
+
+
+def test_diagnose_outputs(setup):
+  out = setup["root"] / "diagnose"
+  run(diagnose, setup, out, floor=1e-4, max_nodes=12)
+  summary = json.loads(read(out / "summary.json"))
+  assert set(summary) == {"tiny_ab", "tiny_ba"}
+  lines = [json.loads(l) for l in read(out / "positions.jsonl").splitlines()]
+  for task, s in summary.items():
+    nodes = [l for l in lines if l["task"] == task]
+    assert len(nodes) == s["nodes"] and 1 < len(nodes) <= 12
+    assert nodes[0]["path"] == [] and nodes[0]["path_prob"] == 1.0
+    assert all(np.isclose(sum(x), 1.0, atol=1e-5) for x in zip(
+        nodes[0]["group_over"], nodes[0]["group_under"], nodes[0]["group_invalid"]))
+    w = np.array([n["path_prob"] for n in nodes])
+    want = np.average([n["valid_mass"] for n in nodes], weights=w)
+    assert s["weighted_mean"]["valid_mass"] == pytest.approx(want, rel=1e-6)
+  for png in ("shape.png", "order.png"):
+    assert (out / png).read_bytes()[:8] == PNG
+  # the figures are drawn from summary.json's numbers
+  fig = plots.order_figure(summary)
+  for ax, s in zip(fig.axes, summary.values()):
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), s["weighted_mean"]["cutoff_precision"])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), s["cutoffs"])
+  assert "tiny_ab" in read(out / "report.md")
+  manifest = json.loads(read(out / "manifest.json"))
+  assert manifest["flags"]["binary"] == "diagnose" and manifest["flags"]["floor"] == 1e-4
+  assert manifest["versions"]["jax"] and manifest["wall_s"] > 0 and manifest["devices"]
+
+
+def test_diagnose_resume_after_an_interruption_is_identical(setup, monkeypatch):
+  whole, broken = setup["root"] / "whole", setup["root"] / "broken"
+  run(diagnose, setup, whole, floor=1e-4, max_nodes=6)
+  real = diagnostics.diagnose_task
+  calls = []
+
+  def dies_on_second(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # as if killed while the second task ran
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(diagnostics, "diagnose_task", dies_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    run(diagnose, setup, broken, floor=1e-4, max_nodes=6)
+  assert os.listdir(broken / "items") == ["tiny_ab.json"]
+  with pytest.raises(errors.InputError, match="--resume"):
+    run(diagnose, setup, broken, floor=1e-4, max_nodes=6)
+  monkeypatch.setattr(diagnostics, "diagnose_task", real)
+  run(diagnose, setup, broken, floor=1e-4, max_nodes=6, resume=True)
+  for name in ("positions.jsonl", "summary.json", "report.md"):
+    assert read(broken / name) == read(whole / name), name
+
+
+def test_frontier_outputs(setup):
+  out = setup["root"] / "frontier"
+  samplers = ["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3", "oracle_set,t=1.5",
+              "oracle_rank=0.9"]
+  run(frontier, setup, out, samplers=samplers, coverage_n=10, mc_samples=300)
+  data = json.loads(read(out / "frontier.json"))
+  for task, f in data.items():
+    assert [p["sampler"] for p in f["points"]] == [str(sequence._as_specs([s])[0]) for s in samplers]
+    assert f["bound_reached"] and f["ideal"][1] == pytest.approx(1 - (1 - 1 / len(f["answers"])) ** 10)
+    for p in f["points"]:
+      assert p["seq_validity"] + p["invalid_mass"] + p["unexplored_mass"] == pytest.approx(1, abs=1e-5)
+    assert set(f["table"]) == {"temperature", "top_k", "min_p", "oracle_set", "oracle_rank"}
+    oracle = next(p for p in f["points"] if p["family"] == "oracle_set")
+    assert oracle["seq_validity"] == pytest.approx(1.0, abs=2e-3)
+    assert f["mc_check"] and all(c["agrees"] for c in f["mc_check"]), f["mc_check"]
+  assert (out / "frontier.png").read_bytes()[:8] == PNG
+  fig = plots.frontier_figure(data)
+  line = fig.axes[0].lines[0]  # the first family drawn as a curve: min_p
+  pts = sorted((p for p in data["tiny_ab"]["points"] if p["family"] == "min_p"),
+               key=lambda p: p["seq_validity"])
+  np.testing.assert_allclose(line.get_xdata(), [p["seq_validity"] for p in pts])
+  assert "| top_k |" in read(out / "table.md")
+
+
+def test_sample_outputs_and_resume(setup, monkeypatch):
+  whole, broken = setup["root"] / "sample", setup["root"] / "sample_broken"
+  flags = dict(sampler="top_k=5,t=1.5", n=20, max_new_tokens=6)
+  metrics = run(sample, setup, whole, **flags)
+  lines = [json.loads(l) for l in read(whole / "samples.jsonl").splitlines()]
+  assert len(lines) == 40
+  for task, m in metrics.items():
+    mine = [l for l in lines if l["task"] == task]
+    assert m["seq_validity"] == sum(l["reason"] == "valid" for l in mine) / 20
+    assert sum(a["count"] for a in m["answers"].values()) == sum(l["answer"] is not None for l in mine)
+  real, calls = sequence.sample, []
+
+  def dies_on_third(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(sequence, "sample", dies_on_third)
+  with pytest.raises(KeyboardInterrupt):
+    run(sample, setup, broken, **flags)
+  monkeypatch.setattr(sequence, "sample", real)
+  run(sample, setup, broken, resume=True, **flags)
+  assert read(broken / "samples.jsonl") == read(whole / "samples.jsonl")
+  assert read(broken / "metrics.json") == read(whole / "metrics.json")
+
+
+def test_bad_names_list_the_choices(setup, tmp_path):
+  with pytest.raises(errors.TaskError, match="us_states"):
+    with flagsaver.flagsaver(task=["no_such_task"], out=str(tmp_path / "a")):
+      diagnose.run()
+  with pytest.raises(errors.InputError, match="top_q"):
+    run(frontier, setup, tmp_path / "b", samplers=["top_q=0.9"])
+  with pytest.raises(errors.ModelLoadError, match="gemma3-270m"):
+    with flagsaver.flagsaver(model="no-such-model", task=setup["tasks"], out=str(tmp_path / "c")):
+      diagnose.run()
+
+
+def test_quickstart_notebook_runs_headless(setup):
+  """The notebook, unchanged, executed by a Jupyter kernel on CPU with small settings."""
+  import nbclient
+  import nbformat
+  folder = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "notebooks")
+  nb = nbformat.read(os.path.join(folder, "quickstart.ipynb"), as_version=4)
+  env = {"CALIBJAX_MODEL": setup["model"], "CALIBJAX_TASK": setup["tasks"][0],
+         "CALIBJAX_MAX_NODES": "5", "CALIBJAX_FLOOR": "1e-4", "CALIBJAX_CACHE": setup["cache_dir"],
+         "JAX_PLATFORMS": "cpu"}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)  # the kernel inherits this process's environment
+  try:
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": folder}}).execute()
+  finally:
+    for k, v in old.items():
+      os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+  assert any("tiny_ab" in str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
