@@ -76,7 +76,8 @@ def pareto(points: list[dict], n: int) -> list[dict]:
 
 def table(points: list[dict], n: int, levels) -> dict:
   """Per family: best coverage@n at ``seq_validity ≥ level`` (None if no point qualifies), the
-  sampler reaching it, and the oracle gap (best oracle coverage there minus this one)."""
+  sampler reaching it, and the oracle gap (best oracle coverage there minus this one); and
+  under ``"most_valid"`` the family's point of highest seq_validity."""
   fams = sorted({p["family"] for p in points})
   oracle = [p for p in points if p["family"] in truncation.ORACLES]
 
@@ -93,6 +94,9 @@ def table(points: list[dict], n: int, levels) -> dict:
       row[f"{level:g}"] = {
           "coverage": cov, "sampler": None if b is None else b["sampler"],
           "oracle_gap": None if (o is None or cov is None) else o["coverage"][str(n)] - cov}
+    top = max((p for p in points if p["family"] == f), key=lambda p: p["seq_validity"])
+    row["most_valid"] = {"sampler": top["sampler"], "seq_validity": top["seq_validity"],
+                         "coverage": top["coverage"][str(n)]}
     out[f] = row
   return out
 

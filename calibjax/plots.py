@@ -66,29 +66,31 @@ def order_figure(summaries: dict):
 
 
 def frontier_figure(frontiers: dict):
-  """``frontiers``: ``{task: frontier result}`` (``frontier.json`` of ``frontier``)."""
+  """``frontiers``: ``{task: frontier result}`` (``frontier.json`` of ``frontier``). Each rule
+  family: all its points faint, its Pareto front (``pareto`` in the JSON) as a line."""
   import matplotlib
-  fig, axes = _panels(len(frontiers), 4.8, 3.8)
+  fig, axes = _panels(len(frontiers), 4.6, 3.8)
   colors = matplotlib.colormaps["tab10"]
   for ax, (task, f) in zip(axes, frontiers.items()):
     n = str(f["coverage_n"])
+    by_name = {p["sampler"]: p for p in f["points"]}
     fams = sorted({p["family"] for p in f["points"]})
     for i, fam in enumerate(fams):
-      pts = sorted((p for p in f["points"] if p["family"] == fam),
-                   key=lambda p: p["seq_validity"])
-      x = [p["seq_validity"] for p in pts]
-      y = [p["coverage"][n] for p in pts]
+      pts = [p for p in f["points"] if p["family"] == fam]
+      front = [by_name[s] for s in f["pareto"][fam]]
+      xy = lambda ps: ([p["seq_validity"] for p in ps], [p["coverage"][n] for p in ps])
       if fam in ("oracle_set", "oracle_rank"):
-        ax.scatter(x, y, marker="D" if fam == "oracle_set" else "s", s=28, color="k",
-                   facecolors="none" if fam == "oracle_rank" else "k", label=fam, zorder=3)
+        ax.scatter(*xy(pts), marker="D" if fam == "oracle_set" else "s", s=30, zorder=3,
+                   color="k" if fam == "oracle_set" else "#805ad5", label=fam)
       else:
-        ax.plot(x, y, marker="o", ms=3, lw=1, color=colors(i % 10), label=fam)
-    ax.scatter([f["ideal"][0]], [f["ideal"][1]], marker="*", s=140, color="gold",
+        ax.plot(*xy(front), marker="o", ms=3, lw=1.2, color=colors(i % 10), label=fam)
+        ax.scatter(*xy(pts), s=6, color=colors(i % 10), alpha=0.3)
+    ax.scatter([f["ideal"][0]], [f["ideal"][1]], marker="*", s=160, color="gold",
                edgecolors="k", label="ideal", zorder=4)
     ax.set(xlabel="sequence validity", ylabel=f"expected coverage@{n}", xlim=(0, 1.02),
-           ylim=(0, 1.02), title=task)
-  axes[0].legend(fontsize=6, loc="lower left")
-  fig.suptitle("Validity vs diversity, exact (every rule x parameter x temperature)")
+           ylim=(0, 1.02), title=f"{task} ({len(f['answers'])} answers)")
+  axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+  fig.suptitle("Validity vs diversity (exact): Pareto front per rule")
   fig.tight_layout()
   return fig
 

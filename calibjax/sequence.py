@@ -232,9 +232,10 @@ class NodeEvaluator:
 
 
 def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
-  """Each answer's canonical token path: the tokenisation of the longest allowed leading text,
-  the answer and the first terminator (what the compounding figures follow)."""
-  lead = max(task.leading, key=len)
+  """Each answer's canonical token path: the tokenisation of the task's first non-empty leading
+  text (``""`` if it has none), the answer and the first terminator (what the compounding
+  figures follow)."""
+  lead = next((l for l in task.leading if l), "")
   return [tuple(tokenizer.encode(lead + a + task.terminators[0], add_bos=False))
           for a in task.answers]
 

@@ -75,8 +75,8 @@ def table_markdown(items: dict, levels) -> str:
     lines += [f"## {name} (coverage@{n}; ideal {item['ideal'][1]:.3f}; "
               f"{item['nodes_expanded']} nodes, bound {item['bound']:g}"
               f"{'' if item['bound_reached'] else ' NOT reached'})", "",
-              "| family | " + " | ".join(f"validity ≥ {l:g}" for l in levels) + " |",
-              "|---|" + "---|" * len(levels)]
+              "| family | " + " | ".join(f"validity ≥ {l:g}" for l in levels) +
+              " | highest validity reached |", "|---|" + "---|" * (len(levels) + 1)]
     for fam, row in item["table"].items():
       cells = []
       for l in levels:
@@ -86,6 +86,8 @@ def table_markdown(items: dict, levels) -> str:
         else:
           gap = "" if c["oracle_gap"] is None else f" (gap {c['oracle_gap']:+.3f})"
           cells.append(f"{c['coverage']:.3f}{gap} `{c['sampler']}`")
+      top = row["most_valid"]
+      cells.append(f"{top['seq_validity']:.3f} (coverage {top['coverage']:.3f}) `{top['sampler']}`")
       lines.append(f"| {fam} | " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)

@@ -110,10 +110,11 @@ def test_frontier_outputs(setup):
     assert f["mc_check"] and all(c["agrees"] for c in f["mc_check"]), f["mc_check"]
   assert (out / "frontier.png").read_bytes()[:8] == PNG
   fig = plots.frontier_figure(data)
-  line = fig.axes[0].lines[0]  # the first family drawn as a curve: min_p
-  pts = sorted((p for p in data["tiny_ab"]["points"] if p["family"] == "min_p"),
-               key=lambda p: p["seq_validity"])
-  np.testing.assert_allclose(line.get_xdata(), [p["seq_validity"] for p in pts])
+  line = fig.axes[0].lines[0]  # the first family drawn as a curve: min_p's Pareto front
+  f = data["tiny_ab"]
+  front = [next(p for p in f["points"] if p["sampler"] == s) for s in f["pareto"]["min_p"]]
+  np.testing.assert_allclose(line.get_xdata(), [p["seq_validity"] for p in front])
+  np.testing.assert_allclose(line.get_ydata(), [p["coverage"]["10"] for p in front])
   assert "| top_k |" in read(out / "table.md")
 
 
