@@ -4,13 +4,14 @@ The valid-prefix tree of a task (a node is a token path whose text is still a pr
 ``leading · answer · terminator``) is expanded best-first by path probability — the largest
 over the samplers — in batches of nodes, the model running once per node on top of the
 prompt's KV cache (computed once) and every sampler reusing those logits (single-rule
-samplers of one rule and temperature as one sweep). A path ends when EOS follows a complete answer or a token completes
-the terminator. Enumeration stops when every sampler's unexplored valid mass is below
+samplers of one rule and temperature as one sweep). A path ends when EOS follows a complete
+answer or a token completes the terminator. Enumeration stops when every sampler's unexplored valid mass is below
 ``bound`` (or after ``max_nodes``, which the result reports); nothing is hidden:
 ``seq_validity + invalid_mass + unexplored_mass = 1`` per sampler.
 
 :func:`sample` is the Monte Carlo counterpart: batched cached decoding with explicit keys,
 every sample classified, Wilson intervals that the exact values must fall in.
+
 Compounding (SPEC §6): the per-step validity along each answer's canonical path, and its
 product, beside the measured sequence validity.
 """
@@ -133,13 +134,14 @@ def _row_valid_probs(z, m, idx, real, specs):
     if rule is None:
       continue
     a = z / t
-    top, log_total, p = truncation._softmax_parts(a)
-    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
     if rule == truncation.ORACLE_SET:  # softmax over the valid logits (never underflows)
       a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
       e = jnp.exp(a_idx - jnp.max(a_idx))
-      out[members[0]], bad[members[0]] = e / jnp.sum(e), jnp.zeros(())
+      for k in members:
+        out[k], bad[k] = e / jnp.sum(e), jnp.zeros(())
       continue
+    _, _, p = truncation._softmax_parts(a)
+    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
     values = jnp.asarray([specs[k].rules[0][1] for k in members], jnp.float32)
     x, theta, _ = truncation._cut(rule, a, m, values)
     alive = a > -jnp.inf
@@ -159,7 +161,7 @@ def _valid_token_probs(z, m, idx, real, specs, cap):
   tokens' own probabilities are gathered, so no ``[B, V]`` keep mask is formed. Also returns
   each sampler's invalid mass ``[S, B]``."""
   rows, bad = map_rows(lambda *r: _row_valid_probs(*r, specs), z, m, idx, real,
-                  batch_shape=z.shape[:-1])
+                       batch_shape=z.shape[:-1])
   for (rule, k), members in _groups(specs).items():
     if rule is None:  # chains and oracle_rank: the general path
       tr = truncation.truncate_chain(z, specs[k], valid_mask=m, max_valid=cap)

@@ -3,10 +3,11 @@ r"""Monte Carlo generation for one sampler: raw samples and sequence metrics.
 Command (repository root, README's environment):
 
   python -m experiments.sample --task=us_states --sampler=top_p=0.9,t=1.5 --n=1000 \
-      --out=results/sample
+      --batch_size=256 --out=results/sample
 
 Expected runtime: about a minute per 1,000 samples on 2 CPU cores with the packaged Gemma 3
-270M (256 samples per batch, up to 16 new tokens, stopping when every sample is decided).
+270M (batches of ``--batch_size`` samples, up to 16 new tokens, a batch stopping when every
+sample in it is decided).
 Expected output in ``--out``: ``samples.jsonl`` (per task and sample: text, answer or null,
 reason: valid / wrong / early_eos / no_terminator), ``metrics.json`` (per task: seq_validity
 with its 99% Wilson interval, distinct answers and empirical coverage, the answer histogram

@@ -177,3 +177,35 @@ def test_quickstart_notebook_runs_headless(setup):
   assert not [o for o in outputs if o.output_type == "error"]
   assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
   assert any("tiny_ab" in str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
+
+
+def test_sample_survives_kill_9(setup):
+  """A real ``kill -9`` in the middle of a run, then ``--resume``: the same samples as an
+  uninterrupted run, nothing lost or duplicated."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  flags = dict(sampler="t=1.5", n=120, max_new_tokens=4)
+  whole, killed = setup["root"] / "kill_whole", setup["root"] / "kill_9"
+  run(sample, setup, whole, **flags)
+  args = [sys.executable, "-m", "experiments.sample", f"--model={setup['model']}",
+          f"--cache_dir={setup['cache_dir']}", "--batch_size=8", f"--out={killed}",
+          "--sampler=t=1.5", "--n=120", "--max_new_tokens=4"]
+  args += [f"--task={t}" for t in setup["tasks"]]
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  proc = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  items = killed / "items"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if items.is_dir() and len([f for f in os.listdir(items) if f.endswith(".json")]) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = len([f for f in os.listdir(items) if f.endswith(".json")])
+  assert 3 <= done < 30 and not (killed / "samples.jsonl").exists()
+  run(sample, setup, killed, resume=True, **flags)
+  assert read(killed / "samples.jsonl") == read(whole / "samples.jsonl")
+  assert read(killed / "metrics.json") == read(whole / "metrics.json")
