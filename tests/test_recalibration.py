@@ -1,6 +1,8 @@
 """Recalibration heads: exact identity at initialisation, gradients against finite
 differences on a tiny model, a loss that falls to near its minimum on a tiny task."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -101,3 +103,46 @@ def test_low_rank_head_learns_a_tiny_task(positions):
   for _ in range(300):
     params, state, value = step(params, state)
   assert first > 1.0 and float(loss(params)) < 0.05 * first, (first, float(loss(params)))
+
+
+def _positions_data(positions):
+  from calibjax.head_training import Positions
+  h, z, _, valid = positions
+  ids = np.stack([np.flatnonzero(v) for v in np.asarray(valid)]).astype(np.int32)
+  ids[:, -1] = -1  # padding is ignored
+  return Positions(np.asarray(h), ids, np.ones(ids.shape, np.float32)), Positions(np.asarray(h))
+
+
+def test_training_resumes_with_identical_losses(positions, tmp_path):
+  from calibjax import errors
+  from calibjax.head_training import TrainConfig, train
+  _, _, embed, _ = positions
+  task, keep = _positions_data(positions)
+  cfg = TrainConfig(steps=12, batch_size=4, checkpoint_every=4, max_to_keep=2, eval_every=4,
+                    learning_rate=0.05)
+  head = make("low_rank", task.hidden.shape[1])
+  whole = train(head, embed, task, keep, task, cfg, str(tmp_path / "a"), log=lambda m: None)
+  assert whole[-1]["loss"] < whole[0]["loss"] and "eval_loss" in whole[3]
+
+  def dies_after_8(message):
+    if message == "step 8: checkpoint saved":
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    train(make("low_rank", task.hidden.shape[1]), embed, task, keep, task, cfg,
+          str(tmp_path / "b"), log=dies_after_8)
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_4", "step_8"]
+  with pytest.raises(errors.InputError, match="resume"):
+    train(make("low_rank", task.hidden.shape[1]), embed, task, keep, task, cfg, str(tmp_path / "b"))
+  resumed_head = make("low_rank", task.hidden.shape[1])
+  resumed = train(resumed_head, embed, task, keep, task, cfg, str(tmp_path / "b"), resume=True,
+                  log=lambda m: None)
+  assert resumed == whole  # every loss of every step, bit for bit
+  assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_12", "step_8"]
+  np.testing.assert_array_equal(np.asarray(resumed_head.u[...]), np.asarray(head.u[...]))
+  # a damaged newest checkpoint is an error, never silently used
+  marker = tmp_path / "b" / "checkpoints" / "step_12" / "COMPLETE"
+  marker.unlink()
+  with pytest.raises(errors.CheckpointError, match="COMPLETE"):
+    train(make("low_rank", task.hidden.shape[1]), embed, task, keep, task, cfg,
+          str(tmp_path / "b"), resume=True)
