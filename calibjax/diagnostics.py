@@ -63,7 +63,7 @@ def _metrics(z, m, cfg: DiagnoseConfig):
   return rows
 
 
-def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *,
+def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, head=None,
                   cache_dir: str | None = None, progress: bool = True) -> dict:
   """Diagnostics of ``lm`` on ``task``: ``{"task", "prompt", "config", "nodes": [...],
   "summary": {...}}``.
@@ -73,7 +73,8 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *,
   ``cutoff_precision/recall/validity`` per cutoff; cutoffs above the vocabulary size are
   dropped). The summary holds path-probability-weighted
   means of every scalar and curve (over the nodes where each is defined), the root's record,
-  and the node count; see :func:`summarise`.
+  and the node count; see :func:`summarise`. ``head``: an optional recalibration head (as in
+  :func:`calibjax.sequence.exact`), applied to the model's logits everywhere.
   """
   tok = lm.tokenizer
   vocab = len(tok.vocab)
@@ -81,7 +82,8 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *,
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt = task.prompts[cfg.prompt_index]
-  evaluate = sequence.NodeEvaluator(lm, tok.encode(prompt), index, batch_size=cfg.batch_size)
+  evaluate = sequence.NodeEvaluator(lm, tok.encode(prompt), index, batch_size=cfg.batch_size,
+                                    head=head)
   counter = itertools.count()
   heap = [(-1.0, next(counter), sequence.Node((), index.initial_state, b"", np.ones(1)))]
   records = []
@@ -91,7 +93,7 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *,
     while heap and -heap[0][0] >= cfg.floor and len(batch) < min(
         cfg.batch_size, cfg.max_nodes - len(records)):
       batch.append(heapq.heappop(heap)[2])
-    logits, valid = evaluate.logits(batch)
+    logits, _, valid = evaluate.forward(batch)
     rows = _metrics(logits[:len(batch)], jnp.asarray(valid[:len(batch)]), cfg)
     log_p = np.asarray(jax.nn.log_softmax(logits[:len(batch)], axis=-1))
     for node, row, lp, m in zip(batch, rows, log_p, valid):

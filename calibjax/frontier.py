@@ -101,7 +101,7 @@ def table(points: list[dict], n: int, levels) -> dict:
   return out
 
 
-def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *,
+def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, head=None,
                   cache_dir: str | None = None, progress: bool = True) -> dict:
   """The frontier of ``task``: ``{"task", "prompt", "nodes_expanded", "bound_reached",
   "points": [...], "pareto": {family: [...]}, "table": {...}, "ideal": [1, c]}``.
@@ -114,7 +114,7 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *,
   n = cfg.coverage_n
   res = sequence.exact(lm, task, samplers, bound=cfg.bound, batch_size=cfg.batch_size,
                        coverage_n=sorted({1, 10, n}), prompt=task.prompts[cfg.prompt_index],
-                       cache_dir=cache_dir, progress=progress)
+                       head=head, cache_dir=cache_dir, progress=progress)
   points = [{
       "sampler": r.sampler, "family": family(r.sampler),
       "temperature": truncation.Sampler.parse(r.sampler).temperature,

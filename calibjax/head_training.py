@@ -166,3 +166,87 @@ def train(head: nnx.Module, embed, train_data: Positions, keep_data: Positions |
       log(f"step {step}: checkpoint saved")
   nnx.update(head, params)
   return records
+
+
+GENERIC_PROMPTS = (
+    "The weather today is", "In 1969, the first", "A simple recipe for bread:",
+    "def fibonacci(n):", "Dear Sir or Madam,", "The history of the Roman Empire",
+    "Photosynthesis is the process", "Once upon a time, in a small village,",
+    "The stock market closed", "How to change a bicycle tyre:",
+    "The theory of relativity states", "My favourite film is")
+
+
+def task_positions(lm, task, *, prompt_index: int = 0, batch_size: int = 32,
+                   cache_dir: str | None = None) -> Positions:
+  """One position per prefix of the task's canonical answer paths (SPEC §6 compounding
+  paths): the hidden state there, the valid tokens, and the target pushed down the paths —
+  each valid token's weight is the target mass of the answers whose canonical path continues
+  with it (other valid tokens: 0)."""
+  from calibjax import sequence
+  from calibjax.validity import ValidityIndex, token_bytes
+  tok = lm.tokenizer
+  index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
+  tbytes = token_bytes(tok.vocab, tok.types)
+  paths = sequence.canonical_paths(task, tok)
+  following: dict[tuple, dict[int, float]] = {}
+  for path, w in zip(paths, task.weights):
+    for j in range(len(path)):
+      step = following.setdefault(path[:j], {})
+      step[path[j]] = step.get(path[j], 0.0) + w
+  nodes = []
+  for prefix in sorted(following, key=lambda p: (len(p), p)):
+    state, text = index.initial_state, b""
+    for t in prefix:
+      state, text = index.advance(state, t), text + (tbytes[t] or b"")
+      if state is None:
+        break
+    if state is not None:
+      nodes.append(sequence.Node(prefix, state, text, np.zeros(1)))
+  evaluate = sequence.NodeEvaluator(lm, tok.encode(task.prompts[prompt_index]), index,
+                                    batch_size=batch_size, max_depth=max(map(len, paths)) + 1)
+  hidden, ids, target = [], [], []
+  for start in range(0, len(nodes), batch_size):
+    chunk = nodes[start:start + batch_size]
+    _, h, valid = evaluate.forward(chunk)
+    for i, node in enumerate(chunk):
+      v = np.flatnonzero(valid[i])
+      w = np.array([following[node.path].get(int(t), 0.0) for t in v], np.float32)
+      if not w.sum() > 0:
+        raise errors.TaskError(f"{task.source}: the canonical continuation of {node.text!r} "
+                               "is not a valid token there.")
+      hidden.append(np.asarray(h[i]))
+      ids.append(v)
+      target.append(w)
+  width = max(map(len, ids))
+  pad = lambda rows, fill: np.stack([np.pad(r, (0, width - len(r)), constant_values=fill)
+                                     for r in rows])
+  return Positions(np.stack(hidden).astype(np.float32), pad(ids, -1).astype(np.int32),
+                   pad(target, 0.0).astype(np.float32))
+
+
+def keep_positions(lm, key, *, prompts=GENERIC_PROMPTS, new_tokens: int = 16) -> Positions:
+  """Hidden states along the model's own generations (T = 1 samples) after generic prompts:
+  where a head must leave the distribution as it was."""
+  rows = [lm.tokenizer.encode(p) for p in prompts]
+  width = max(map(len, rows))
+  ids = np.zeros((len(rows), width), np.int64)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, True
+  logits, hidden, cache = lm.prefill(ids, mask, max_new_tokens=new_tokens)
+  out = [np.asarray(hidden)]
+  for _ in range(new_tokens - 1):
+    key, sub = jax.random.split(key)
+    token = jax.random.categorical(sub, logits, axis=-1)
+    logits, hidden, cache = lm.decode(cache, token)
+    out.append(np.asarray(hidden))
+  return Positions(np.concatenate(out).astype(np.float32))
+
+
+def concat(parts: list[Positions]) -> Positions:
+  """Task positions of several tasks in one set (valid ids padded to the widest)."""
+  width = max(p.valid_ids.shape[1] for p in parts)
+  pad = lambda x, fill: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=fill)
+  return Positions(np.concatenate([p.hidden for p in parts]),
+                   np.concatenate([pad(p.valid_ids, -1) for p in parts]),
+                   np.concatenate([pad(p.target, 0.0) for p in parts]))

@@ -20,11 +20,15 @@ Losses (SPEC §2's decomposition ``KL(r‖p) = −log p(V) + KL(r‖q)``): on ta
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from calibjax import errors
+from calibjax.models import checkpoint
 
 class TemperatureHead(nnx.Module):
   """``z' = z · exp(w·h + b)``; exactly the identity at init (``w = 0``, ``b = 0``)."""
@@ -116,3 +120,51 @@ def keep_loss(z_head, z_base, weights: LossWeights = LossWeights()):
   log_head = jax.nn.log_softmax(z_head, axis=-1)
   kl = jnp.sum(jnp.exp(log_base) * (log_base - log_head), axis=-1)
   return weights.keep * jnp.mean(kl), kl
+
+
+def create(kind: str, hidden: int, *, rank: int = 8, seed: int = 0) -> nnx.Module:
+  """A head of ``kind`` (one of :data:`HEADS`) at its identity initialisation."""
+  if kind not in HEADS:
+    raise errors.InputError(f"unknown head {kind!r}; heads are {sorted(HEADS)}.")
+  if kind == "low_rank":
+    return LowRankHead(hidden, rank, rngs=nnx.Rngs(seed))
+  return HEADS[kind](hidden)
+
+
+def bind(head: nnx.Module, embed):
+  """The head as a jitted ``(hidden [B, d], logits [B, V]) -> logits`` callable, with the
+  model's output embedding ``embed [V, d]`` bound (what the engines take as ``head=``)."""
+  graph, state = nnx.split(head)
+  embed = jnp.asarray(embed, jnp.float32)
+  apply = jax.jit(lambda st, h, z: nnx.merge(graph, st)(h, z, embed))
+  return lambda hidden, logits: apply(state, hidden, logits)
+
+
+def save(folder: str, head: nnx.Module, kind: str, *, rank: int = 8) -> None:
+  """Saves a trained head (weights and how to rebuild it) through the checkpoint module."""
+  hidden = next(x.shape[0] for x in jax.tree.leaves(nnx.state(head, nnx.Param)) if x.ndim)
+  meta = {"kind": kind, "hidden": int(hidden), "rank": int(rank)}
+  checkpoint.save(folder, nnx.state(head, nnx.Param), {"head.json": json.dumps(meta).encode()})
+
+
+def load(folder: str, lm):
+  """A head saved by :func:`save`, bound to ``lm``'s output embedding (see :func:`bind`).
+
+  Raises:
+    CheckpointError: missing, partial or corrupt folder, or a head that does not fit ``lm``.
+  """
+  box = {}
+
+  def abstract(files):
+    box["meta"] = meta = json.loads(files["head.json"])
+    box["head"] = create(meta["kind"], meta["hidden"], rank=meta["rank"])
+    params = nnx.state(box["head"], nnx.Param)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+
+  state, _ = checkpoint.load(folder, abstract)
+  embed = lm.embedding()
+  if embed.shape[1] != box["meta"]["hidden"]:
+    raise errors.CheckpointError(f"{folder}: a head for hidden size {box['meta']['hidden']}, "
+                                 f"but the model's is {embed.shape[1]}.")
+  nnx.update(box["head"], state)
+  return bind(box["head"], embed)

@@ -188,17 +188,19 @@ class NodeEvaluator:
   """The model at valid-prefix tree nodes: the prompt's KV cache is computed once and every
   batch of node paths runs on top of it (``batch_size`` rows per call, a fixed shape)."""
 
-  def __init__(self, lm, prompt_ids, index, specs=(), batch_size=32, max_depth=24):
+  def __init__(self, lm, prompt_ids, index, specs=(), batch_size=32, max_depth=24, head=None):
     if len(prompt_ids) < 2:
       raise errors.InputError("the prompt is empty: it must hold at least one token after BOS.")
     self.lm, self.index, self.specs, self.batch_size = lm, index, specs, batch_size
+    self.head = head
     self.last = int(prompt_ids[-1])  # each path restarts from it: the root is a path too
     self.cap = 8
     _, _, self.cache = lm.prefill(np.asarray([prompt_ids[:-1]]), max_new_tokens=max_depth + 1)
 
-  def logits(self, nodes):
-    """``(logits [batch_size, V], valid masks [batch_size, V])``; rows past ``len(nodes)``
-    repeat the first node."""
+  def forward(self, nodes):
+    """``(logits [batch_size, V], hidden [batch_size, d], valid masks [batch_size, V])``
+    (logits through the head when there is one); rows past ``len(nodes)`` repeat the first
+    node."""
     n = len(nodes)
     rows = [(self.last,) + node.path for node in nodes]
     rows += rows[:1] * (self.batch_size - n)
@@ -207,15 +209,17 @@ class NodeEvaluator:
     mask = np.zeros((len(rows), width), bool)
     for i, r in enumerate(rows):
       ids[i, :len(r)], mask[i, :len(r)] = r, True
-    logits, _ = self.lm.extend(self.cache, ids, mask)
+    logits, hidden = self.lm.extend(self.cache, ids, mask)
+    if self.head is not None:
+      logits = self.head(hidden, logits)
     valid = [self.index.mask(node.state, node.text) for node in nodes]
-    return logits, np.stack(valid + valid[:1] * (self.batch_size - n))
+    return logits, hidden, np.stack(valid + valid[:1] * (self.batch_size - n))
 
   def __call__(self, nodes):
     """``(valid token ids [b, C] with -1 padding, each sampler's probabilities of them
     [S, b, C] (0 at the padding), invalid mass [S, b])``."""
     n = len(nodes)
-    logits, valid = self.logits(nodes)
+    logits, _, valid = self.forward(nodes)
     tokens = [np.flatnonzero(v) for v in valid]
     self.cap = max(self.cap, bucket(max(map(len, tokens)), minimum=8))  # grows: few compiles
     idx = np.stack([np.pad(t, (0, self.cap - len(t)), constant_values=-1) for t in tokens])
@@ -244,7 +248,7 @@ def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
 
 def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 100, 1000),
           prompt: str | None = None, batch_size: int = 32, max_nodes: int = 50_000,
-          max_depth: int = 24, cache_dir: str | None = None,
+          max_depth: int = 24, head=None, cache_dir: str | None = None,
           progress: bool = True) -> ExactResult:
   """Exact answer probabilities of ``task`` under each sampler, by tree enumeration.
 
@@ -259,6 +263,8 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
     max_nodes: a safety cap; ``bound_reached`` says whether the bound was met.
     max_depth: paths longer than this many tokens stay unexplored (their mass is counted in
       ``unexplored_mass``).
+    head: optional recalibration head, a callable ``(hidden [B, d], logits [B, V]) ->
+      logits`` (:func:`calibjax.recalibration.bind` / :func:`calibjax.recalibration.load`).
 
   Returns:
     :class:`ExactResult`, one :class:`SamplerResult` per sampler, in order.
@@ -272,7 +278,7 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt = task.prompts[0] if prompt is None else prompt
-  evaluate = NodeEvaluator(lm, tok.encode(prompt), index, specs, batch_size, max_depth)
+  evaluate = NodeEvaluator(lm, tok.encode(prompt), index, specs, batch_size, max_depth, head)
   n_s, n_a = len(specs), len(task.answers)
   answer_probs = np.zeros((n_s, n_a))
   invalid = np.zeros(n_s)
@@ -419,14 +425,14 @@ def _draw(key, z, m, spec, cap):
 
 def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
            prompt: str | None = None, batch_size: int = 256, confidence: float = 0.99,
-           cache_dir: str | None = None, progress: bool = True) -> MonteCarloResult:
+           head=None, cache_dir: str | None = None, progress: bool = True) -> MonteCarloResult:
   """``n`` answers generated with ``sampler`` (explicit ``key``), classified against the task.
 
   The prompt runs once; its cache is copied into each batch of ``batch_size`` samples, which
   decode until every sample is decided or ``max_new_tokens`` is reached. Sampling is
   tail-faithful: ``jax.random.categorical`` in its high-dynamic-range mode over the truncated,
   temperature-scaled logits (SPEC §7). Oracle samplers get each sample's valid mask at every
-  step. The same key gives the same samples.
+  step. ``head``: as in :func:`exact`. The same key gives the same samples.
   """
   spec = _as_specs([sampler])[0]
   if task.answers is None:
@@ -438,7 +444,10 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
   index = ValidityIndex(task, tok.vocab, tok.types, tok.eos_id, cache_dir=cache_dir)
   tbytes = token_bytes(tok.vocab, tok.types)
   prompt_ids = tok.encode(task.prompts[0] if prompt is None else prompt)
-  logits0, _, prompt_cache = lm.prefill(np.asarray([prompt_ids]), max_new_tokens=max_new_tokens)
+  logits0, hidden0, prompt_cache = lm.prefill(np.asarray([prompt_ids]),
+                                              max_new_tokens=max_new_tokens)
+  if head is not None:
+    logits0 = head(hidden0, logits0)
   bar = progress_bar(progress, f"sample {task.name} {spec}", "sample", n)
   texts, answer, reason = [], [], []
   for start in range(0, n, batch_size):
@@ -461,7 +470,9 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
           x.push(t)
       if all(x.result is not None for x in samples) or step == max_new_tokens - 1:
         break
-      logits, _, cache = lm.decode(cache, nxt)
+      logits, hidden, cache = lm.decode(cache, nxt)
+      if head is not None:
+        logits = head(hidden, logits)
     for x in samples:
       a, why = x.result or (-1, "no_terminator")
       texts.append(x.text)

@@ -113,6 +113,10 @@ class LanguageModel:
     return self._extend(self._state, cache, jnp.asarray(np.pad(ids, pad)),
                         jnp.asarray(np.pad(mask, pad)))
 
+  def embedding(self) -> jax.Array:
+    """The tied input/output embedding ``[V, d]`` (logits are ``hidden @ embeddingᵀ``)."""
+    return self._state["embed"][...]
+
   @staticmethod
   def repeat(cache: KVCache, n: int) -> KVCache:
     """A batch-1 ``cache`` copied into ``n`` rows."""
