@@ -250,3 +250,19 @@ def concat(parts: list[Positions]) -> Positions:
   return Positions(np.concatenate([p.hidden for p in parts]),
                    np.concatenate([pad(p.valid_ids, -1) for p in parts]),
                    np.concatenate([pad(p.target, 0.0) for p in parts]))
+
+
+def save_positions(path: str, pos: Positions) -> None:
+  """``pos`` as an ``.npz`` file, written atomically."""
+  import tempfile
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+  with os.fdopen(fd, "wb") as f:
+    np.savez(f, **{k: v for k, v in dataclasses.asdict(pos).items() if v is not None})
+  os.replace(tmp, path)
+
+
+def load_positions(path: str) -> Positions:
+  with np.load(path) as data:
+    return Positions(**{k: data[k] for k in data.files})

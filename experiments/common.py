@@ -4,7 +4,7 @@ output folder's item store (``--resume``) and manifest.
 
 Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
 directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
-``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``.
+``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Tree nodes or samples per m
 RESUME = flags.DEFINE_bool("resume", False, "Continue a run in --out, skipping finished items.")
 CACHE_DIR = flags.DEFINE_string("cache_dir", None,
                                 "Model and validity-index cache (default ~/.cache/calibjax).")
+HEAD = flags.DEFINE_string("head", None, "A trained recalibration head (the head/ folder of "
+                           "experiments.train_head), applied to the model's logits.")
 
 
 class Run:
@@ -57,6 +59,12 @@ def load_tasks() -> list[tasks.Task]:
 
 def load_model():
   return models.load(MODEL.value, cache_dir=CACHE_DIR.value)
+
+
+def load_head(lm):
+  """The ``--head`` recalibration head bound to ``lm``, or None."""
+  from calibjax import recalibration
+  return recalibration.load(HEAD.value, lm) if HEAD.value else None
 
 
 def validity_cache() -> str:

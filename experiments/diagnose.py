@@ -49,8 +49,8 @@ def run() -> dict:
   for task in todo:
     if not job.items.done(task.name):
       lm = lm or common.load_model()
-      job.items.save(task.name, diagnostics.diagnose_task(lm, task, cfg,
-                                                          cache_dir=common.validity_cache()))
+      job.items.save(task.name, diagnostics.diagnose_task(
+          lm, task, cfg, head=common.load_head(lm), cache_dir=common.validity_cache()))
     items[task.name] = job.items.load(task.name)
   out = job.out
   records = [{"task": name, **node} for name, item in items.items() for node in item["nodes"]]

@@ -102,7 +102,8 @@ def run() -> dict:
   for task in common.load_tasks():
     if not job.items.done(task.name):
       lm = lm or common.load_model()
-      item = frontier.frontier_task(lm, task, cfg, cache_dir=common.validity_cache())
+      item = frontier.frontier_task(lm, task, cfg, head=common.load_head(lm),
+                                    cache_dir=common.validity_cache())
       if _MC_SAMPLES.value:
         item["mc_check"] = mc_check(lm, task, item,
                                     _MC_SAMPLES.value, common.SEED.value)

@@ -60,7 +60,8 @@ def run() -> dict:
         mc = sequence.sample(lm, task, spec, min(batch, _N.value - start),
                              jax.random.fold_in(jax.random.key(common.SEED.value), b),
                              max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
-                             cache_dir=common.validity_cache(), progress=False)
+                             head=common.load_head(lm), cache_dir=common.validity_cache(),
+                             progress=False)
         job.items.save(key, {
             "texts": [t.decode("utf-8", "replace") for t in mc.texts],
             "answers": [None if a < 0 else int(a) for a in mc.answer], "reasons": list(mc.reason)})

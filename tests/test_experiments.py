@@ -209,3 +209,33 @@ def test_sample_survives_kill_9(setup):
   run(sample, setup, killed, resume=True, **flags)
   assert read(killed / "samples.jsonl") == read(whole / "samples.jsonl")
   assert read(killed / "metrics.json") == read(whole / "metrics.json")
+
+
+def test_train_head_then_use_it(setup):
+  """train_head on a train-split task file (eval on the others), then diagnose and frontier
+  with --head: the head changes the numbers and the outputs say which head was used."""
+  from experiments import train_head
+  train_file = setup["root"] / "tiny_train.json"
+  train_file.write_text(json.dumps({"name": "tiny_train", "description": "train", "prompts": ["b"],
+                                    "answers": ["ab", "ba"], "terminators": ["\n"],
+                                    "split": "train"}))
+  out = setup["root"] / "head_run"
+  with flagsaver.flagsaver(model=setup["model"], task=[str(train_file), setup["tasks"][0]],
+                           out=str(out), cache_dir=setup["cache_dir"], batch_size=8, steps=30,
+                           eval_every=10, checkpoint_every=10, learning_rate=0.05):
+    records = train_head.run()
+  assert len(records) == 30 and "eval_loss" in records[9]
+  assert records[-1]["loss"] < records[0]["loss"]
+  lines = read(out / "metrics.jsonl").splitlines()
+  assert [json.loads(l)["step"] for l in lines] == list(range(1, 31))
+  assert sorted(os.listdir(out / "checkpoints")) == ["step_10", "step_20", "step_30"]
+  manifest = json.loads(read(out / "manifest.json"))
+  assert manifest["positions"]["train"] > 0 and manifest["flags"]["head_kind"] == "low_rank"
+  plain = json.loads(read(setup["root"] / "frontier" / "frontier.json"))["tiny_ab"]
+  tuned_dir = setup["root"] / "frontier_head"
+  run(frontier, setup, tuned_dir, samplers=["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3",
+                                            "oracle_set,t=1.5", "oracle_rank=0.9"],
+      coverage_n=10, head=str(out / "head"))
+  tuned = json.loads(read(tuned_dir / "frontier.json"))["tiny_ab"]
+  assert tuned["points"][0]["seq_validity"] != plain["points"][0]["seq_validity"]
+  assert json.loads(read(tuned_dir / "manifest.json"))["flags"]["head"] == str(out / "head")
