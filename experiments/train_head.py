@@ -49,9 +49,10 @@ def positions(lm, out: str) -> dict:
       if name == "keep":
         pos = ht.keep_positions(lm, jax.random.key(common.SEED.value))
       elif split[name]:
+        from tqdm import tqdm
         pos = ht.concat([ht.task_positions(lm, t, batch_size=common.BATCH_SIZE.value,
                                            cache_dir=common.validity_cache())
-                         for t in split[name]])
+                         for t in tqdm(split[name], desc=f"{name} positions", unit="task")])
       else:
         continue
       ht.save_positions(path, pos)
