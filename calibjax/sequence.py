@@ -365,7 +365,8 @@ class MonteCarloResult:
   ``answer[i]``: index into ``answers`` or −1; ``reason[i]``: ``"valid"``, ``"wrong"``
   (a token left the task's language), ``"early_eos"`` or ``"no_terminator"`` (the limit was
   reached). ``counts``: samples per answer; ``seq_validity`` with its Wilson interval
-  ``seq_validity_ci`` at ``confidence``; ``answer_ci`` [|A|, 2]: Wilson intervals of P_S(a).
+  ``seq_validity_ci`` at ``confidence``; ``answer_ci`` [|A|, 2]: Wilson intervals of P_S(a);
+  ``coverage``: distinct answers drawn / |A| (its expectation is the exact ``coverage[n]``).
   """
   sampler: str
   answers: tuple[str, ...]
@@ -377,6 +378,7 @@ class MonteCarloResult:
   seq_validity_ci: tuple[float, float]
   answer_ci: np.ndarray
   confidence: float
+  coverage: float
 
 
 def wilson(successes, n: int, confidence: float = 0.99) -> np.ndarray:
@@ -487,4 +489,5 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
       sampler=str(spec), answers=task.answers, texts=tuple(texts), answer=answer,
       reason=tuple(reason), counts=counts, seq_validity=valid / n,
       seq_validity_ci=tuple(float(x) for x in wilson(valid, n, confidence)),
-      answer_ci=wilson(counts, n, confidence), confidence=confidence)
+      answer_ci=wilson(counts, n, confidence), confidence=confidence,
+      coverage=float(np.count_nonzero(counts) / len(task.answers)))
