@@ -274,17 +274,6 @@ class ModelBenchmarkConfig:
   peer_python: str | None = ".venv-peer/bin/python"
 
 
-def greedy(lm, ids, new_tokens: int) -> np.ndarray:
-  """Greedy decoding of ``new_tokens`` tokens after ``ids [B, T]``; returns ``[B, new]``."""
-  logits, _, cache = lm.prefill(ids, max_new_tokens=new_tokens)
-  out = []
-  for _ in range(new_tokens):
-    token = jnp.argmax(logits, axis=-1)
-    out.append(token)
-    logits, _, cache = lm.decode(cache, token)
-  return np.asarray(jnp.stack(out, axis=1))
-
-
 def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dict:
   """Cold and warm load, prefill and greedy-decode throughput, against the PyTorch peer."""
   import tempfile
@@ -306,7 +295,8 @@ def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dic
   log("prefill and decode")
   prefill_s = best_ms(lambda x: lm.prefill(x, max_new_tokens=cfg.new_tokens), ids,
                       repeats=cfg.repeats) / 1e3
-  total_s = best_ms(lambda x: greedy(lm, x, cfg.new_tokens), ids, repeats=cfg.repeats) / 1e3
+  total_s = best_ms(lambda x: lm.greedy(x, new_tokens=cfg.new_tokens), ids,
+                    repeats=cfg.repeats) / 1e3
   report["prefill_tokens_per_s"] = cfg.batch * cfg.prompt_len / prefill_s
   report["decode_tokens_per_s"] = cfg.batch * cfg.new_tokens / max(total_s - prefill_s, 1e-9)
   log("PyTorch reference (peer environment)")

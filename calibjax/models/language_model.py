@@ -33,7 +33,8 @@ class LanguageModel:
   - ``decode(cache, tokens_b) -> (logits [B, V], hidden [B, d], cache)``;
   - ``extend(cache, ids_bt, mask) -> (last logits [B, V], last hidden [B, d])``: B
     continuations of one shared prefix (a batch-1 cache), which is left unchanged;
-  - ``repeat(cache, n)``: a batch-1 cache copied into ``n`` rows (one prompt, many samples).
+  - ``repeat(cache, n)``: a batch-1 cache copied into ``n`` rows (one prompt, many samples);
+  - ``greedy(ids_bt, mask, new_tokens) -> [B, new_tokens]`` greedy decoding in one call.
 
   Inputs are padded to power-of-two length buckets, so each bucket compiles once. ``mask``
   marks real tokens (left or right padding both work); without it every token is real.
@@ -112,6 +113,27 @@ class LanguageModel:
     pad = ((0, 0), (0, t - ids.shape[1]))
     return self._extend(self._state, cache, jnp.asarray(np.pad(ids, pad)),
                         jnp.asarray(np.pad(mask, pad)))
+
+  @functools.partial(jax.jit, static_argnums=(0, 4))
+  def _greedy(self, state, logits, cache, steps):
+    model = nnx.merge(self._graph, state)
+    first = jnp.zeros(logits.shape[:1], jnp.int32)
+
+    def step(carry, _):
+      logits, cache = carry
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      ids = token[:, None]
+      logits, _, cache = model(ids, jnp.ones_like(ids, bool), cache, at=first)
+      return (logits, cache), token
+
+    _, tokens = jax.lax.scan(step, (logits, cache), None, length=steps)
+    return tokens.T
+
+  def greedy(self, ids, mask=None, new_tokens: int = 32) -> np.ndarray:
+    """Greedy continuation ``[B, new_tokens]`` of each row, the whole decoding loop in one
+    compiled call (``lax.scan`` over cached steps: no per-token dispatch or host sync)."""
+    logits, _, cache = self.prefill(ids, mask, max_new_tokens=new_tokens)
+    return np.asarray(self._greedy(self._state, logits, cache, int(new_tokens)))
 
   def embedding(self) -> jax.Array:
     """The tied input/output embedding ``[V, d]`` (logits are ``hidden @ embeddingᵀ``)."""

@@ -77,7 +77,7 @@ def timing(path, out, batch=8, prompt_len=128, new_tokens=32):
   with torch.no_grad():
     model(ids[:, :8])  # warm-up
     start = time.perf_counter()
-    model(ids)
+    model(ids, logits_to_keep=1)  # what generate() runs first, and what calibjax's prefill does
     prefill = time.perf_counter() - start
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

@@ -56,6 +56,17 @@ def test_padding_gives_each_row_its_unpadded_result(lm, side):
     np.testing.assert_allclose(np.asarray(step[i]), want, atol=2e-5, err_msg=f"row {i}")
 
 
+def test_greedy_in_one_call_equals_step_by_step(lm):
+  ids = np.random.default_rng(4).integers(4, 260, (3, 6))
+  logits, _, cache = lm.prefill(ids, max_new_tokens=8)
+  want = []
+  for _ in range(8):
+    token = np.asarray(logits).argmax(-1)
+    want.append(token)
+    logits, _, cache = lm.decode(cache, token)
+  np.testing.assert_array_equal(lm.greedy(ids, new_tokens=8), np.stack(want, axis=1))
+
+
 def test_extend_continues_a_shared_prefix_and_leaves_it_unchanged(lm):
   rng = np.random.default_rng(2)
   prompt = rng.integers(4, 260, 6)
