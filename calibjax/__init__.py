@@ -16,14 +16,14 @@ from calibjax.calibration import (DistributionalCalibration, ProperScores, Relia
 from calibjax.inputs import check_logits
 from calibjax.oracle import OracleCutoff, OracleGap, oracle_cutoff, oracle_gap
 from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
-from calibjax.shape import GroupMasses, ShapeStats, group_masses, shape_stats
+from calibjax.shape import GroupMasses, RowStats, ShapeStats, group_masses, row_stats, shape_stats
 from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
 
 __all__ = [
     "diagnostics", "errors", "frontier", "models", "plots", "sequence", "tasks", "validity",
     "check_logits",
     "OrderStats", "order_stats", "recall_at_precision", "CutoffCurve", "cutoff_curve",
-    "ShapeStats", "shape_stats", "GroupMasses", "group_masses",
+    "ShapeStats", "shape_stats", "GroupMasses", "group_masses", "RowStats", "row_stats",
     "Reliability", "top_label_ece", "full_ece", "ProperScores", "proper_scores",
     "DistributionalCalibration", "distributional_calibration",
     "RULES", "Sampler", "Sweep", "Truncation", "sweep", "truncate", "truncate_chain",

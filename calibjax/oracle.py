@@ -17,7 +17,7 @@ import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
-from calibjax import errors, inputs, truncation
+from calibjax import dispatch, errors, inputs, truncation
 from calibjax.ranks import valid_ranks
 
 OBJECTIVES = ("validity", "f1", "precision")
@@ -55,9 +55,9 @@ class OracleCutoff:
   defined: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("cap", "method", "objective"))
-def _oracle(z, m, tau, temperature, cap, method, objective):
-  r = valid_ranks(z, m, cap, method, temperature)
+@functools.partial(jax.jit, static_argnames=("cap", "method", "objective", "implementation"))
+def _oracle(z, m, tau, temperature, cap, method, objective, implementation):
+  r = valid_ranks(z, m, cap, method, temperature, implementation)
   cap_slots = r.s.shape[-1]
   real = jnp.arange(cap_slots) < r.n_valid[..., None]
   n = r.n_valid[..., None].astype(jnp.float32)
@@ -94,13 +94,14 @@ def _oracle(z, m, tau, temperature, cap, method, objective):
 
 def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "validity",
                   tau: ArrayLike = 0.95, temperature: ArrayLike = 1.0, *,
-                  max_valid: int | None = None, method: str = "threshold") -> OracleCutoff:
+                  max_valid: int | None = None, method: str = "threshold",
+                  implementation: str | None = None) -> OracleCutoff:
   """The tie-closed rank cutoff ``r*`` that maximises an objective, per row.
 
   Objectives: ``"validity"`` — max recall subject to validity ≥ τ (default); ``"f1"`` — max
   F1; ``"precision"`` — max recall subject to precision ≥ τ. Validity is under
   ``softmax(z / T)``. ``tau``/``temperature``: scalars or ``[...]``; new values do not
-  recompile. ``max_valid``/``method``: as in :func:`calibjax.order_stats`.
+  recompile. ``max_valid``/``method``/``implementation``: as in :func:`calibjax.order_stats`.
 
   Example:
     >>> o = oracle_cutoff(jnp.log(jnp.array([.4, .3, .2, .1])),
@@ -113,7 +114,8 @@ def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "va
   inputs.check_temperature(temperature)
   z = inputs.as_logits(logits)
   m = inputs.as_mask(valid_mask, z.shape)
-  return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective)
+  return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective,
+                 dispatch.resolve(implementation))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
-from calibjax import errors, inputs
+from calibjax import dispatch, errors, inputs
 from calibjax.ranks import METHODS, ValidRanks, valid_ranks
 from calibjax.rowwise import map_rows
 
@@ -57,6 +57,7 @@ class OrderStats:
 
 
 def _prepare(logits, valid_mask, max_valid, method):
+  """Normalised logits and mask, and the slot capacity."""
   if method not in METHODS:
     raise errors.InputError(f"method must be one of {METHODS}, got {method!r}.")
   z = inputs.as_logits(logits)
@@ -79,10 +80,10 @@ def _flags(r: ValidRanks, vocab: int):
   return finite, has_valid, has_invalid, finite & has_valid & has_invalid & r.capacity_ok
 
 
-@functools.partial(jax.jit, static_argnames=("cap", "method"))
-def _order_stats(z, m, cap, method):
+@functools.partial(jax.jit, static_argnames=("cap", "method", "implementation"))
+def _order_stats(z, m, cap, method, implementation):
   vocab = z.shape[-1]
-  r = valid_ranks(z, m, cap, method)
+  r = valid_ranks(z, m, cap, method, implementation=implementation)
   finite, has_valid, has_invalid, defined = _flags(r, vocab)
   real, tp, k = _slot_stats(r, vocab)
   n = r.n_valid.astype(jnp.float32)
@@ -108,7 +109,7 @@ def _order_stats(z, m, cap, method):
 
 
 def order_stats(logits: ArrayLike, valid_mask: ArrayLike, *, max_valid: int | None = None,
-                method: str = "threshold") -> OrderStats:
+                method: str = "threshold", implementation: str | None = None) -> OrderStats:
   """Order metrics of SPEC §1 for every row of ``logits [..., V]``.
 
   Args:
@@ -118,6 +119,8 @@ def order_stats(logits: ArrayLike, valid_mask: ArrayLike, *, max_valid: int | No
       under ``jit`` pass it, or every row is provisioned for ``V`` valid tokens (slow).
       Rows above it get ``capacity_ok = False`` and NaN metrics.
     method: ``"threshold"`` (sort-free, default) or ``"sort"`` (reference; same numbers).
+    implementation: ``"xla"``, ``"pallas"`` (counts from :mod:`kernels.valid_rank_counts`)
+      or None (best for the backend), see :mod:`calibjax.dispatch`; the same numbers.
 
   Returns:
     :class:`OrderStats` with fields of shape ``[...]``. NaN/+inf rows, rows with no valid or
@@ -132,12 +135,12 @@ def order_stats(logits: ArrayLike, valid_mask: ArrayLike, *, max_valid: int | No
     0.75
   """
   z, m, cap = _prepare(logits, valid_mask, max_valid, method)
-  return _order_stats(z, m, cap, method)
+  return _order_stats(z, m, cap, method, dispatch.resolve(implementation))
 
 
-@functools.partial(jax.jit, static_argnames=("cap", "method"))
-def _recall_at_precision(z, m, tau, cap, method):
-  r = valid_ranks(z, m, cap, method)
+@functools.partial(jax.jit, static_argnames=("cap", "method", "implementation"))
+def _recall_at_precision(z, m, tau, cap, method, implementation):
+  r = valid_ranks(z, m, cap, method, implementation=implementation)
   *_, defined = _flags(r, z.shape[-1])
   real, tp, k = _slot_stats(r, z.shape[-1])
   ok = real & (tp >= jnp.asarray(tau, jnp.float32)[..., None] * k)
@@ -146,7 +149,8 @@ def _recall_at_precision(z, m, tau, cap, method):
 
 
 def recall_at_precision(logits: ArrayLike, valid_mask: ArrayLike, tau: ArrayLike, *,
-                        max_valid: int | None = None, method: str = "threshold") -> jax.Array:
+                        max_valid: int | None = None, method: str = "threshold",
+                        implementation: str | None = None) -> jax.Array:
   """``max {recall(t) : precision(t) ≥ τ}`` over tie-closed cutoffs ``{z ≥ t}``; 0 if none.
 
   ``tau`` is a scalar or an array broadcastable to the leading shape ``[...]``; a new value
@@ -158,7 +162,7 @@ def recall_at_precision(logits: ArrayLike, valid_mask: ArrayLike, tau: ArrayLike
     1.0
   """
   z, m, cap = _prepare(logits, valid_mask, max_valid, method)
-  return _recall_at_precision(z, m, tau, cap, method)
+  return _recall_at_precision(z, m, tau, cap, method, dispatch.resolve(implementation))
 
 
 @struct.dataclass

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from calibjax import inputs
+from calibjax import dispatch, inputs
 from calibjax.rowwise import map_rows
 
 METHODS = ("threshold", "sort")
@@ -159,14 +159,39 @@ def _finish(z, m, s, n, gt_all, eq_all, lo, hi):
       capacity_ok=n < s.shape[-1], finite=inputs.row_finite(z))
 
 
+def _pallas(z, m, cap, temperature):
+  """Valid logits per row (XLA), then every count and mass in one kernel pass."""
+  batch, vocab = z.shape[:-1], z.shape[-1]
+  z2, m2 = z.reshape(-1, vocab), m.reshape(-1, vocab)
+  rows = (z2.shape[0],)
+  s, n = map_rows(lambda zr, mr: _sorted_valid(zr, mr, cap), z2, m2, batch_shape=rows)
+  t = jnp.ones(rows, jnp.float32) if temperature is None else jnp.broadcast_to(
+      jnp.asarray(temperature, jnp.float32), batch).reshape(rows)
+  top = jnp.max(z2, axis=-1)
+  total = jnp.sum(jnp.exp((z2 - top[:, None]) / t[:, None]), axis=-1)
+  c = dispatch.valid_rank_counts(z2, s, jnp.stack([t, top, total], axis=-1))
+  lo = jax.vmap(lambda x: jnp.searchsorted(x, x, side="left"))(s)
+  hi = jax.vmap(lambda x: jnp.searchsorted(x, x, side="right"))(s)
+  out = jax.vmap(_finish)(z2, m2, s, n, c.gt, c.eq, lo, hi)
+  if temperature is not None:
+    out = out.replace(gt_mass=c.gt_mass, eq_mass=c.eq_mass, p_max=1.0 / total,
+                      p_slot=jnp.exp((s - top[:, None]) / t[:, None]) / total[:, None])
+  return jax.tree.map(lambda v: v.reshape(batch + v.shape[1:]), out)
+
+
 def valid_ranks(z: jax.Array, m: jax.Array, cap: int, method: str = "threshold",
-                temperature: jax.Array | None = None) -> ValidRanks:
+                temperature: jax.Array | None = None,
+                implementation: str = "xla") -> ValidRanks:
   """Valid-rank counts of float32 logits ``z [..., V]`` with bool mask ``m [..., V]``.
 
   ``cap`` (a power of two) slots hold the valid logits; rows with ``n_valid >= cap`` have
   ``capacity_ok = False`` and meaningless counts. Inputs must already be normalised
   (:mod:`calibjax.inputs`). With ``temperature`` (``[...]``), the mass fields are filled.
+  ``implementation="pallas"`` (a resolved :mod:`calibjax.dispatch` choice) counts with
+  :mod:`kernels.valid_rank_counts` for ``method="threshold"``; ``"sort"`` is always XLA.
   """
+  if implementation == "pallas" and method == "threshold":
+    return _pallas(z, m, cap, temperature)
   row = {"threshold": _row_threshold, "sort": _row_sort}[method]
   batch = z.shape[:-1]
   if temperature is None:

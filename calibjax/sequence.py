@@ -140,10 +140,10 @@ def _row_valid_probs(z, m, idx, real, specs):
       for k in members:
         out[k], bad[k] = e / jnp.sum(e), jnp.zeros(())
       continue
-    _, _, p = truncation._softmax_parts(a)
+    p = truncation._softmax_parts(a)[-1]
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
     values = jnp.asarray([specs[k].rules[0][1] for k in members], jnp.float32)
-    x, theta, _ = truncation._cut(rule, a, m, values)
+    x, theta, *_ = truncation._cut(rule, a, m, values)
     alive = a > -jnp.inf
     kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
     keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.typing import ArrayLike
 
-from calibjax import errors, inputs
+import kernels
+from calibjax import dispatch, errors, inputs
 from calibjax.rowwise import map_rows
 
 
@@ -155,6 +156,58 @@ def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike
   m = inputs.as_mask(valid_mask, z.shape)
   inputs.check_temperature(temperature)
   return _shape_stats(z, m, _target_weights(target, z.shape), temperature)
+
+
+RowStats = kernels.RowStats
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _row_stats(z, m, t, implementation):
+  batch, vocab = z.shape[:-1], z.shape[-1]
+  flat = lambda x: None if x is None else x.reshape(-1, vocab)
+  t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), batch).reshape(-1)
+  if implementation == "pallas":
+    out = dispatch.row_stats(flat(z), flat(m), t)
+  else:
+    row = lambda zr, tr, mr=None: jax.tree.map(
+        lambda v: v[0], kernels.row_stats_reference(zr[None], None if mr is None else mr[None],
+                                                    tr[None]))
+    args = (flat(z), t) if m is None else (flat(z), t, flat(m))
+    out = map_rows(row, *args, batch_shape=(t.shape[0],))
+  return jax.tree.map(lambda v: v.reshape(batch), out)
+
+
+def row_stats(logits: ArrayLike, valid_mask: ArrayLike | None = None, *,
+              temperature: ArrayLike = 1.0, implementation: str | None = None) -> RowStats:
+  """Max, logsumexp and entropy of ``a = z / T`` per row (and, with ``valid_mask``, the valid
+  mass ``p(V)`` and the valid entropy ``H(q)``) — the one-pass token diagnostic.
+
+  Args:
+    logits: ``[..., V]`` (upcast to float32; ``-inf`` legal).
+    valid_mask: optional bool ``[..., V]`` or broadcastable.
+    temperature: scalar or ``[...]``, > 0.
+    implementation: ``"xla"``, ``"pallas"`` or None (best for the backend), see
+      :mod:`calibjax.dispatch`; both give the same numbers (to float32 summation order).
+
+  Returns:
+    ``RowStats(max, logsumexp, entropy, valid_mass, valid_entropy)``, fields ``[...]``
+    (the last two None without a mask). A row with no finite logit: ``logsumexp = -inf``,
+    NaN entropy; no valid token: ``valid_mass = 0``, NaN valid entropy.
+
+  Example:
+    >>> s = row_stats(jnp.log(jnp.array([0.5, 0.25, 0.25])), jnp.array([True, True, False]))
+    >>> float(s.valid_mass), round(float(s.entropy), 4)   # H = 1.5 log 2
+    (0.75, 1.0397)
+  """
+  impl = dispatch.resolve(implementation)
+  z = inputs.as_logits(logits)
+  m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
+  inputs.check_temperature(temperature)
+  t = jnp.asarray(temperature, jnp.float32)
+  if not inputs.broadcasts_to(t.shape, z.shape[:-1]):
+    raise errors.ShapeMismatchError(
+        f"temperature of shape {t.shape} does not match the rows of logits {z.shape}.")
+  return _row_stats(z, m, t, impl)
 
 
 @struct.dataclass

@@ -42,7 +42,7 @@ import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
-from calibjax import errors, inputs, selection
+from calibjax import dispatch, errors, inputs, selection
 from calibjax.rowwise import map_rows
 
 RULES = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma")
@@ -193,14 +193,14 @@ class Truncation:
 
 
 def _softmax_parts(a):
-  """Row max, log Σ exp(a − max) and p; p = e / Σe keeps 1/ulp accuracy when |a| is large
-  (small T), where exp(a − lse) would carry the rounding of lse."""
+  """Row max, Σ exp(a − max), its log, and p; p = e / Σe keeps 1/ulp accuracy when |a| is
+  large (small T), where exp(a − lse) would carry the rounding of lse."""
   top = jnp.max(a)
   e = jnp.exp(a - top)
   total = jnp.sum(e)
   # computed once: XLA may otherwise recompute a reduction in two fusions with different
   # summation orders, and a cut clamped to max(x) would then miss the top token
-  return jax.lax.optimization_barrier((top, jnp.log(total), e / total))
+  return jax.lax.optimization_barrier((top, total, jnp.log(total), e / total))
 
 
 def _select_value(x, weights, targets, alive):
@@ -212,48 +212,60 @@ def _select_value(x, weights, targets, alive):
   return selection.key_float(jnp.clip(key, lowest, highest))
 
 
+def _score(rule):
+  """The :mod:`kernels.threshold_stats` score that recomputes ``rule``'s ``x`` from ``a``."""
+  return {"typical": "typical", ORACLE_SET: "valid_or_top"}.get(rule, "logit")
+
+
 def _cut(rule, a, m, params):
-  """Score ``x [V]``, cuts ``θ [S]`` and reported thresholds ``[S]`` of ``rule`` on ``a``.
+  """Score ``x [V]``, cuts ``θ [S]``, reported thresholds ``[S]`` and the constants
+  ``(c₁, c₂, c₃)`` from which :mod:`kernels.threshold_stats` recomputes ``x`` bit for bit
+  (score :func:`_score`) of ``rule`` on ``a``.
 
   Scores derived from ``a`` pass an optimisation barrier before a cut is taken from them, so
   the comparisons ``x ≥ θ`` see the very values ``θ`` was clamped to."""
-  top, log_total, p = _softmax_parts(a)
+  top, _, log_total, p = _softmax_parts(a)
   alive = a > -jnp.inf
   as_prob = lambda theta: jnp.exp(theta - top - log_total)
+  zero = jnp.zeros((), jnp.float32)
+  plain = (zero, zero, zero)  # x = (a - 0) - 0 = a
   if rule == "top_k":
     theta = _select_value(a, alive.astype(jnp.float32), params, alive)
-    return a, theta, as_prob(theta)
+    return a, theta, as_prob(theta), plain
   # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do.
   whole = lambda mass: jnp.where(mass >= 1.0, jnp.inf, mass)
   if rule == "top_p":
     theta = _select_value(a, p, whole(params), alive)
-    return a, theta, as_prob(theta)
+    return a, theta, as_prob(theta), plain
   if rule == "top_n_sigma":
     n_alive = jnp.sum(alive)
     mean = jnp.sum(jnp.where(alive, a, 0.0)) / n_alive
     sigma = jnp.sqrt(jnp.sum(jnp.where(alive, (a - mean) ** 2, 0.0)) / n_alive)
     theta = jnp.minimum(top - params * sigma, top)
-    return a, theta, as_prob(theta)
+    return a, theta, as_prob(theta), plain
   if rule == "typical":
     log_p = a - top - log_total
     entropy = -jnp.sum(jnp.where(alive, p * log_p, 0.0))
     x = jax.lax.optimization_barrier(jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf))
     theta = _select_value(x, p, whole(params), alive)
-    return x, theta, -theta
+    return x, theta, -theta, (top, log_total, entropy)
   if rule == ORACLE_RANK:  # params: the oracle cutoff on a, found by truncate_chain
     theta = jnp.minimum(params, top)
-    return a, theta, as_prob(theta)
+    return a, theta, as_prob(theta), plain
   if rule == "oracle_set":
     x = m.astype(jnp.float32) + 0.5 * (a == top)  # valid: >= 1; top tokens: 0.5 or 1.5
     theta = jnp.where(jnp.any(m & alive), 1.0, 0.5) * jnp.ones_like(params)
-    return x, theta, jnp.full_like(params, jnp.nan)
+    return x, theta, jnp.full_like(params, jnp.nan), (top, zero, zero)
   # Probability cuts are compared in log space (log p = a − max − log Σe): exact where
   # float32 probabilities would round distinct tokens onto the cut (e.g. min_p = 1).
   if rule == "min_p":
+    consts = (top, zero, zero)
     x, log_theta = a - top, jnp.log(params)
   elif rule == "epsilon":
+    consts = (top, log_total, zero)
     x, log_theta = a - top - log_total, jnp.log(params)
   elif rule == "eta":
+    consts = (top, log_total, zero)
     x = a - top - log_total
     entropy = -jnp.sum(jnp.where(alive, p * x, 0.0))
     log_theta = jnp.minimum(jnp.log(params), 0.5 * jnp.log(params) - entropy)
@@ -261,31 +273,38 @@ def _cut(rule, a, m, params):
     raise errors.InputError(f"unknown rule {rule!r}; rules are {RULES + ORACLES}.")
   x = jax.lax.optimization_barrier(x)
   theta = jnp.minimum(log_theta, jnp.max(x))
-  return x, theta, jnp.exp(theta if rule != "min_p" else theta - log_total)
+  return x, theta, jnp.exp(theta if rule != "min_p" else theta - log_total), consts
 
 
-def _stats(x, theta, alive, p, m, keep):
-  """Fields of :class:`Truncation` for cuts ``θ [S]`` on score ``x`` of one row."""
+def _sums(x, theta, alive, p, m):
+  """Threshold sums of one row (XLA): count, mass and, with a mask, valid count, valid mass
+  and valid ``Σ p log p`` of ``{alive, x ≥ θ_s}``, each ``[S]``."""
   cols = [jnp.ones_like(p), p]
   if m is not None:
     pv = jnp.where(m, p, 0.0)
     cols += [m.astype(jnp.float32), pv, jnp.where(pv > 0, pv * jnp.log(pv), 0.0)]
-  sums = selection.threshold_stats(x, alive, theta, tuple(cols))
-  out = dict(kept_count=sums[0], kept_mass=sums[1])
-  if keep:
-    out["keep"] = (x[None, :] >= theta[:, None]) & alive
-  if m is not None:
-    count, _, n_kept_valid, vmass, vplogp = sums
+  return selection.threshold_stats(x, alive, theta, tuple(cols))
+
+
+def _fields(sums, n_valid):
+  """Fields of :class:`Truncation` from the threshold sums (``n_valid``: None without mask)."""
+  count, mass = sums[0], sums[1]
+  out = dict(kept_count=count, kept_mass=mass)
+  if n_valid is not None:
+    _, _, n_kept_valid, vmass, vplogp = sums
     out.update(kept_valid=n_kept_valid, kept_invalid=count - n_kept_valid,
-               precision=n_kept_valid / count, recall=n_kept_valid / jnp.sum(m),
-               validity=vmass / sums[1], kept_valid_entropy=jnp.log(vmass) - vplogp / vmass)
+               precision=n_kept_valid / count, recall=n_kept_valid / n_valid,
+               validity=vmass / mass, kept_valid_entropy=jnp.log(vmass) - vplogp / vmass)
   return out
 
 
-def _finish_row(a, out, n):
-  """All -inf rows keep everything; flags."""
-  alive_any = jnp.any(a > -jnp.inf)
-  finite = jnp.isfinite(jnp.max(a))
+def _flags(a):
+  """(finite, any token alive) of one row of scaled logits."""
+  return jnp.isfinite(jnp.max(a)), jnp.any(a > -jnp.inf)
+
+
+def _finish_row(out, finite, alive_any, n):
+  """All -inf rows keep everything; NaN statistics for non-finite rows; flags."""
   if "keep" in out:
     out["keep"] = out["keep"] | ~alive_any
   bad = lambda v: jnp.where(finite, v, jnp.nan)
@@ -294,37 +313,87 @@ def _finish_row(a, out, n):
   return out
 
 
+def _n_valid(m):
+  return None if m is None else jnp.sum(m)
+
+
 def _row_truncate(z, m, t, params, rule, keep):
   a = z / t
-  x, theta, reported = _cut(rule, a, m, params)
-  _, _, p = _softmax_parts(a)
-  out = _stats(x, theta, a > -jnp.inf, p, m, keep)
+  x, theta, reported, _ = _cut(rule, a, m, params)
+  p = _softmax_parts(a)[-1]
+  alive = a > -jnp.inf
+  out = _fields(_sums(x, theta, alive, p, m), _n_valid(m))
+  if keep:
+    out["keep"] = (x[None, :] >= theta[:, None]) & alive
   out["threshold"] = reported
-  return _finish_row(a, out, params.shape[0])
+  return _finish_row(out, *_flags(a), params.shape[0])
+
+
+def _row_cut(z, m, t, params, rule, keep):
+  """The XLA half of the Pallas path: cuts, the kernel's per-row constants and keep masks."""
+  a = z / t
+  x, theta, reported, consts = _cut(rule, a, m, params)
+  top, total, _, _ = _softmax_parts(a)
+  finite, alive_any = _flags(a)
+  out = dict(theta=theta, threshold=reported, consts=jnp.stack([t, top, total, *consts]),
+             finite=finite, alive_any=alive_any)
+  if m is not None:
+    out["n_valid"] = _n_valid(m)
+  if keep:
+    out["keep"] = (x[None, :] >= theta[:, None]) & (a > -jnp.inf)
+  return out
+
+
+def _truncate_pallas(z, m, t, params, rule, keep):
+  """Cuts per row (XLA), then every threshold sum of every row in one kernel pass."""
+  rows = math.prod(z.shape[:-1])
+  flat = lambda v: v.reshape((rows,) + v.shape[z.ndim - 1:])
+  args = [flat(z), flat(t), flat(params)] + ([] if m is None else [flat(m)])
+  cut = map_rows(lambda zr, tr, pr, *mr: _row_cut(zr, mr[0] if mr else None, tr, pr, rule, keep),
+                 *args, batch_shape=(rows,))
+  sums = dispatch.threshold_stats(flat(z), None if m is None else flat(m), cut["consts"],
+                                  cut["theta"], score=_score(rule))
+  sums = [v.astype(jnp.float32) for v in sums if v is not None]
+
+  def assemble(sums_row, c):
+    out = _fields(sums_row, c.get("n_valid"))
+    if keep:
+      out["keep"] = c["keep"]
+    out["threshold"] = c["threshold"]
+    return _finish_row(out, c["finite"], c["alive_any"], params.shape[-1])
+
+  out = jax.vmap(assemble)(sums, cut)
+  return jax.tree.map(lambda v: v.reshape(z.shape[:-1] + v.shape[1:]), out)
 
 
 def _row_chain(z, m, t, params, rules, keep):
   a0 = z / t
   a = a0
   for (rule, _), param in zip(rules, params):
-    x, theta, _ = _cut(rule, a, m, param[None])
+    x, theta, *_ = _cut(rule, a, m, param[None])
     a = jnp.where((x >= theta[0]) & (a > -jnp.inf), a, -jnp.inf)
-  _, _, p = _softmax_parts(a0)
+  p = _softmax_parts(a0)[-1]
   alive0 = a0 > -jnp.inf
   kept = (a > -jnp.inf).astype(jnp.float32)
-  out = _stats(kept, jnp.ones(1), alive0, p, m, keep)
+  out = _fields(_sums(kept, jnp.ones(1), alive0, p, m), _n_valid(m))
+  if keep:
+    out["keep"] = (kept[None, :] >= 1.0) & alive0
   out["threshold"] = jnp.full((1,), jnp.nan)
-  return _finish_row(a0, out, 1)
+  return _finish_row(out, *_flags(a0), 1)
 
 
 @functools.partial(jax.jit, static_argnames=("row_fn", "spec", "keep", "squeeze"))
 def _run(z, m, t, params, row_fn, spec, keep, squeeze):
+  """``row_fn`` over every row (or, for ``"pallas"``, the batched kernel path)."""
   batch = z.shape[:-1]
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), batch)
-  args = (z, t, params) if m is None else (z, m, t, params)
-  fn = (lambda zr, tr, pr: row_fn(zr, None, tr, pr, spec, keep)) if m is None else (
-      lambda zr, mr, tr, pr: row_fn(zr, mr, tr, pr, spec, keep))
-  out = map_rows(fn, *args, batch_shape=batch)
+  if row_fn == "pallas":
+    out = _truncate_pallas(z, m, t, params, spec, keep)
+  else:
+    args = (z, t, params) if m is None else (z, m, t, params)
+    fn = (lambda zr, tr, pr: row_fn(zr, None, tr, pr, spec, keep)) if m is None else (
+        lambda zr, mr, tr, pr: row_fn(zr, mr, tr, pr, spec, keep))
+    out = map_rows(fn, *args, batch_shape=batch)
   lead = len(batch)
   move = (lambda v: v[..., 0] if v.ndim == lead + 1 else v[..., 0, :]) if squeeze else (
       lambda v: jnp.moveaxis(v, lead, 0))
@@ -344,7 +413,7 @@ def _normalise(logits, valid_mask, temperature, need_mask):
 
 def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = None, *,
              temperature: ArrayLike = 1.0, valid_mask: ArrayLike | None = None,
-             return_keep: bool = True) -> Truncation:
+             return_keep: bool = True, implementation: str | None = None) -> Truncation:
   """Applies one truncation rule to every row of ``logits [..., V]``.
 
   Args:
@@ -355,6 +424,10 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
     temperature: scalar or ``[...]``, > 0, applied first.
     valid_mask: optional bool ``[..., V]``; adds the validity fields.
     return_keep: False drops the ``[.., V]`` masks (e.g. for large sweeps).
+    implementation: ``"xla"``, ``"pallas"`` or None (best for the backend), see
+      :mod:`calibjax.dispatch`. With ``"pallas"`` the cuts are found as with ``"xla"`` and the
+      statistics of all rows and sweep values come from one :mod:`kernels.threshold_stats`
+      pass: the same keep masks and counts, sums equal to float32 summation order.
 
   Returns:
     :class:`Truncation`. Rows with NaN/+inf logits: NaN statistics, ``finite = False``.
@@ -371,6 +444,7 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
     raise errors.InputError("oracle_rank depends on the valid set of each row: use "
                             "truncate_chain(logits, 'oracle_rank=0.95', valid_mask=...).")
   check_param(rule, params.values if isinstance(params, Sweep) else params)
+  row_fn = "pallas" if dispatch.resolve(implementation) == "pallas" else _row_truncate
   z, m = _normalise(logits, valid_mask, temperature, rule == ORACLE_SET)
   batch = z.shape[:-1]
   if isinstance(params, Sweep):
@@ -381,7 +455,7 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
       raise errors.ShapeMismatchError(
           f"per-row params of shape {p.shape} do not match the rows of logits {z.shape}.")
     values = jnp.broadcast_to(p, batch)[..., None]
-  return _run(z, m, temperature, values, _row_truncate, rule, bool(return_keep),
+  return _run(z, m, temperature, values, row_fn, rule, bool(return_keep),
               not isinstance(params, Sweep))
 
 

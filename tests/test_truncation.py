@@ -87,9 +87,11 @@ def test_sweep_equals_per_value_calls(rule):
     np.testing.assert_array_equal(np.asarray(s.keep[i]), np.asarray(one.keep))
     for f in ("threshold", "kept_count", "kept_valid"):
       np.testing.assert_array_equal(np.asarray(getattr(s, f)[i]), np.asarray(getattr(one, f)))
-    for f in ("kept_mass", "validity", "kept_valid_entropy"):
+    # histogram sums (sweep) vs masked sums (one value): float32 summation order only;
+    # the entropy log(Σp) − Σp·log p / Σp amplifies it by cancellation (measured 1.6e-6)
+    for f, rtol in (("kept_mass", 1e-6), ("validity", 1e-6), ("kept_valid_entropy", 5e-6)):
       np.testing.assert_allclose(np.asarray(getattr(s, f)[i]), np.asarray(getattr(one, f)),
-                                 rtol=1e-6, atol=1e-7)
+                                 rtol=rtol, atol=1e-7)
 
 
 def test_per_row_params_and_no_retrace():

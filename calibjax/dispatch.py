@@ -1,0 +1,54 @@
+"""The one place where the array core chooses how whole-vocabulary ops run.
+
+Public functions that use a kernel op take ``implementation=``:
+
+- ``"xla"``: the sort-free XLA row functions of the array core (the references of
+  :mod:`kernels`);
+- ``"pallas"``: the Pallas kernels of :mod:`kernels` — compiled on TPU, in interpret mode on
+  CPU (for tests, never for speed);
+- ``None``: the best available for the backend — ``"pallas"`` on TPU, ``"xla"`` elsewhere.
+  (No accelerator has been measured yet, see BUILD_NOTES.md: the TPU choice follows from the
+  XLA paths' scatter histograms, which TPUs serialise.)
+
+The kernels accumulate over vocabulary blocks in grid order, which TPU grids and the
+interpreter guarantee and Triton's parallel GPU grid does not: ``"pallas"`` on GPU is refused
+with a clear error rather than run with races.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+import kernels
+from calibjax import errors
+
+IMPLEMENTATIONS = ("xla", "pallas")
+
+
+def resolve(implementation: str | None) -> str:
+  """``"xla"`` or ``"pallas"`` for the current default backend; raises for bad choices."""
+  backend = jax.default_backend()
+  if implementation is None:
+    return "pallas" if backend == "tpu" else "xla"
+  if implementation not in IMPLEMENTATIONS:
+    raise errors.InputError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
+                            f"{implementation!r}.")
+  if implementation == "pallas" and backend not in ("cpu", "tpu"):
+    raise errors.InputError(
+        f"implementation='pallas' has no {backend} variant: the kernels accumulate over "
+        "vocabulary blocks in grid order, which a GPU grid does not guarantee. Use 'xla'.")
+  return implementation
+
+
+def _kernel(fn):
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    return fn(*args, interpret=jax.default_backend() == "cpu", **kwargs)
+  return run
+
+
+row_stats = _kernel(kernels.row_stats)
+threshold_stats = _kernel(kernels.threshold_stats)
+valid_rank_counts = _kernel(kernels.valid_rank_counts)
