@@ -25,7 +25,7 @@ from flax import struct
 from jax.typing import ArrayLike
 
 from calibjax import errors, inputs
-from calibjax.rowwise import map_rows
+from calibjax.rowwise import map_rows, replicate
 
 
 @struct.dataclass
@@ -106,7 +106,7 @@ def _top_row(log_p, y):
 
 @functools.partial(jax.jit, static_argnames=("n_bins", "binning"))
 def _top_label(z, y, t, n_bins, binning):
-  conf, correct = _log_softmax_rows(_top_row, z, y, temperature=t)
+  conf, correct = replicate(_log_softmax_rows(_top_row, z, y, temperature=t))
   n = conf.shape[0]
   if binning == "width":
     edges = jnp.linspace(0.0, 1.0, n_bins + 1)

@@ -23,6 +23,7 @@ import jax
 
 import kernels
 from calibjax import errors
+from calibjax.rowwise import split_rows
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -43,9 +44,11 @@ def resolve(implementation: str | None) -> str:
 
 
 def _kernel(fn):
+  """``fn`` with interpret mode on CPU, data-parallel over the mesh's ``"data"`` axis."""
   @functools.wraps(fn)
   def run(*args, **kwargs):
-    return fn(*args, interpret=jax.default_backend() == "cpu", **kwargs)
+    local = lambda *xs: fn(*xs, interpret=jax.default_backend() == "cpu", **kwargs)
+    return split_rows(local, args[0].shape[0])(*args)
   return run
 
 

@@ -164,18 +164,22 @@ def _pallas(z, m, cap, temperature):
   batch, vocab = z.shape[:-1], z.shape[-1]
   z2, m2 = z.reshape(-1, vocab), m.reshape(-1, vocab)
   rows = (z2.shape[0],)
-  s, n = map_rows(lambda zr, mr: _sorted_valid(zr, mr, cap), z2, m2, batch_shape=rows)
-  t = jnp.ones(rows, jnp.float32) if temperature is None else jnp.broadcast_to(
-      jnp.asarray(temperature, jnp.float32), batch).reshape(rows)
-  top = jnp.max(z2, axis=-1)
-  total = jnp.sum(jnp.exp((z2 - top[:, None]) / t[:, None]), axis=-1)
-  c = dispatch.valid_rank_counts(z2, s, jnp.stack([t, top, total], axis=-1))
+  t = jnp.broadcast_to(jnp.asarray(1.0 if temperature is None else temperature, jnp.float32),
+                       batch).reshape(rows)
+
+  def row(zr, mr, tr):  # the valid logits, and (T, top, total) for the kernel's p
+    top = jnp.max(zr)
+    return *_sorted_valid(zr, mr, cap), jnp.stack([tr, top, jnp.sum(jnp.exp((zr - top) / tr))])
+
+  s, n, consts = map_rows(row, z2, m2, t, batch_shape=rows)
+  c = dispatch.valid_rank_counts(z2, s, consts)
   lo = jax.vmap(lambda x: jnp.searchsorted(x, x, side="left"))(s)
   hi = jax.vmap(lambda x: jnp.searchsorted(x, x, side="right"))(s)
   out = jax.vmap(_finish)(z2, m2, s, n, c.gt, c.eq, lo, hi)
   if temperature is not None:
-    out = out.replace(gt_mass=c.gt_mass, eq_mass=c.eq_mass, p_max=1.0 / total,
-                      p_slot=jnp.exp((s - top[:, None]) / t[:, None]) / total[:, None])
+    t, top, total = (consts[:, i:i + 1] for i in range(3))
+    out = out.replace(gt_mass=c.gt_mass, eq_mass=c.eq_mass, p_max=1.0 / total[:, 0],
+                      p_slot=jnp.exp((s - top) / t) / total)
   return jax.tree.map(lambda v: v.reshape(batch + v.shape[1:]), out)
 
 
