@@ -4,17 +4,19 @@ output folder's item store (``--resume``) and manifest.
 
 Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
 directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
-``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``.
+``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``, ``--mesh``.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
+import jax
 from absl import flags, logging
 
-from calibjax import errors, models, results, tasks
+from calibjax import errors, models, results, sharding, tasks
 
 MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model name, .gguf file or HF directory.")
 TASK = flags.DEFINE_multi_string("task", ["us_states"],
@@ -27,6 +29,19 @@ CACHE_DIR = flags.DEFINE_string("cache_dir", None,
                                 "Model and validity-index cache (default ~/.cache/calibjax).")
 HEAD = flags.DEFINE_string("head", None, "A trained recalibration head (the head/ folder of "
                            "experiments.train_head), applied to the model's logits.")
+MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:8 or data:4,model:2 (all "
+                           "devices): every row function runs data-parallel over 'data'.")
+
+
+def on_mesh(run):
+  """Runs a binary's ``run()`` under the ``--mesh`` device mesh (none: default placement)."""
+  @functools.wraps(run)
+  def wrapped(*args, **kwargs):
+    if not MESH.value:
+      return run(*args, **kwargs)
+    with jax.set_mesh(sharding.make_mesh(MESH.value)):
+      return run(*args, **kwargs)
+  return wrapped
 
 
 class Run:

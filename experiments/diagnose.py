@@ -39,6 +39,7 @@ def config() -> diagnostics.DiagnoseConfig:
     raise app.UsageError(f"--shape_temperatures / --cutoffs: {e}") from None
 
 
+@common.on_mesh
 def run() -> dict:
   """Runs (or resumes) the diagnostics and writes every output; returns the summaries."""
   cfg = config()

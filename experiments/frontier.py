@@ -93,6 +93,7 @@ def table_markdown(items: dict, levels) -> str:
   return "\n".join(lines)
 
 
+@common.on_mesh
 def run() -> dict:
   """Runs (or resumes) the frontiers and writes every output; returns them by task."""
   cfg = config()

@@ -45,6 +45,7 @@ def metrics(task, texts, answers, reasons) -> dict:
                   for i, (a, c) in enumerate(zip(task.answers, counts))}}
 
 
+@common.on_mesh
 def run() -> dict:
   spec = str(truncation.Sampler.parse(_SAMPLER.value))
   job = common.Run("sample")

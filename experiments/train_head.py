@@ -60,6 +60,7 @@ def positions(lm, out: str) -> dict:
   return data
 
 
+@common.on_mesh
 def run() -> list[dict]:
   job = common.Run("train_head")
   lm = common.load_model()

@@ -69,6 +69,21 @@ def test_diagnose_outputs(setup):
   assert manifest["versions"]["jax"] and manifest["wall_s"] > 0 and manifest["devices"]
 
 
+def test_binaries_on_a_data_mesh_write_the_same_numbers(setup):
+  """--mesh=data:8 (the 8 fake devices): rows run data-parallel, every number is the same."""
+  one, eight = setup["root"] / "mesh1", setup["root"] / "mesh8"
+  run(diagnose, setup, one, floor=1e-4, max_nodes=12)
+  run(diagnose, setup, eight, floor=1e-4, max_nodes=12, mesh="data:8")
+  assert read(one / "summary.json") == read(eight / "summary.json")
+  assert read(one / "positions.jsonl") == read(eight / "positions.jsonl")
+  flags = dict(samplers=["top_p=0.9", "oracle_set,t=1.5"], temperatures=[1.0], coverage_n=5)
+  run(frontier, setup, one / "f", **flags)
+  run(frontier, setup, eight / "f", mesh="data:8", **flags)
+  assert read(one / "f" / "frontier.json") == read(eight / "f" / "frontier.json")
+  with pytest.raises(errors.InputError, match="needs 6 devices"):
+    run(diagnose, setup, setup["root"] / "mesh6", mesh="data:6")
+
+
 def test_diagnose_resume_after_an_interruption_is_identical(setup, monkeypatch):
   whole, broken = setup["root"] / "whole", setup["root"] / "broken"
   run(diagnose, setup, whole, floor=1e-4, max_nodes=6)
