@@ -18,6 +18,8 @@ import math
 import os
 import tempfile
 
+from calibjax import results
+
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
   from matplotlib.figure import Figure
@@ -96,7 +98,9 @@ def frontier_figure(frontiers: dict):
 
 
 def save(fig, path: str) -> str:
-  """Writes ``fig`` as a PNG to ``path`` atomically; returns ``path``."""
+  """Writes ``fig`` as a PNG to ``path`` atomically (process 0 only); returns ``path``."""
+  if not results.is_writer():
+    return path
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from calibjax import errors
+from calibjax import errors, sharding
 from calibjax.models import checkpoint
 
 class TemperatureHead(nnx.Module):
@@ -135,6 +135,7 @@ def bind(head: nnx.Module, embed):
   """The head as a jitted ``(hidden [B, d], logits [B, V]) -> logits`` callable, with the
   model's output embedding ``embed [V, d]`` bound (what the engines take as ``head=``)."""
   graph, state = nnx.split(head)
+  state = sharding.replicated(state)  # beside the model's outputs on a mesh in context
   embed = jnp.asarray(embed, jnp.float32)
   apply = jax.jit(lambda st, h, z: nnx.merge(graph, st)(h, z, embed))
   return lambda hidden, logits: apply(state, hidden, logits)

@@ -23,13 +23,23 @@ def _plain(x: Any, strings: bool = True) -> Any:
   return x
 
 
+def is_writer() -> bool:
+  """Whether this process writes results: only process 0 of a multi-process run does (every
+  process computes the same numbers)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def write_json_atomic(path: str, data: Any) -> str:
   """Writes ``data`` as sorted, indented JSON to ``path`` atomically; returns ``path``."""
   return write_text_atomic(path, json.dumps(_plain(data), indent=2, sort_keys=True) + "\n")
 
 
 def write_text_atomic(path: str, text: str) -> str:
-  """Writes ``text`` to ``path`` atomically; returns ``path``."""
+  """Writes ``text`` to ``path`` atomically (process 0 only, see :func:`is_writer`); returns
+  ``path``."""
+  if not is_writer():
+    return path
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
@@ -95,6 +105,7 @@ class ItemStore:
   def __init__(self, out_dir: str, resume: bool):
     from calibjax import errors
     self.folder = os.path.join(out_dir, "items")
+    self.saved = {}  # this run's items, as they read back (processes other than 0 write none)
     if not resume and os.path.isdir(self.folder) and any(
         f.endswith(".json") for f in os.listdir(self.folder)):
       raise errors.InputError(f"{out_dir} already holds results of a run: pass --resume to "
@@ -105,14 +116,17 @@ class ItemStore:
     return os.path.join(self.folder, f"{key}.json")
 
   def done(self, key: str) -> bool:
-    return os.path.exists(self._path(key))
+    return key in self.saved or os.path.exists(self._path(key))
 
   def load(self, key: str) -> Any:
+    if key in self.saved:
+      return json.loads(self.saved[key])
     with open(self._path(key)) as f:
       return json.load(f)
 
   def save(self, key: str, data: Any) -> Any:
     """Writes the item (non-finite floats kept as JSON's NaN/Infinity, so they read back as
     floats) and returns it as it reads back."""
-    write_text_atomic(self._path(key), json.dumps(_plain(data, strings=False), sort_keys=True))
+    self.saved[key] = json.dumps(_plain(data, strings=False), sort_keys=True)
+    write_text_atomic(self._path(key), self.saved[key])
     return self.load(key)

@@ -42,10 +42,30 @@ def split_rows(fn: Callable, rows: int) -> Callable:
   if devices <= 1 or rows % devices:
     return fn
   mapped = jax.shard_map(fn, in_specs=P(DATA), out_specs=P(DATA), check_vma=False)
-  if not explicit:
-    return mapped
   # shard_map takes Explicit arrays only as sharded as its in_specs
-  return lambda *xs: mapped(*jax.tree.map(lambda x: jax.reshard(x, P(DATA)), xs))
+  to = lambda spec: ((lambda x: jax.reshard(x, spec)) if explicit else
+                     (lambda x: jax.lax.with_sharding_constraint(x, spec)))
+  many = jax.process_count() > 1  # every process must be able to read every row's result
+
+  def run(*xs):
+    out = mapped(*(jax.tree.map(to(P(DATA)), xs) if explicit else xs))
+    return jax.tree.map(to(P()), out) if many else out
+  return run
+
+
+def spread(tree):
+  """Inside ``jit``: row-major arrays (leading dim = rows) constrained to split over the mesh's
+  ``"data"`` axis, so the partitioner runs everything downstream data-parallel (a model
+  forward over a batch of nodes or samples); unchanged without such an axis or when the rows
+  do not divide it."""
+  devices, explicit = data_axis()
+
+  def one(x):
+    if devices <= 1 or not x.ndim or x.shape[0] % devices:
+      return x
+    spec = P(DATA, *([None] * (x.ndim - 1)))
+    return jax.reshard(x, spec) if explicit else jax.lax.with_sharding_constraint(x, spec)
+  return jax.tree.map(one, tree)
 
 
 def replicate(tree):

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _WIDTHS = (12, 10, 10)
-_SIGN = jnp.uint32(0x80000000)
+_SIGN = np.uint32(0x80000000)  # numpy: no JAX backend at import (jax.distributed needs that)
 
 
 def float_key(x: jax.Array) -> jax.Array:

@@ -62,6 +62,72 @@ def make_mesh(spec: str) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
+# Logical axes of the model's weights (calibjax.models.gemma3) → mesh axes: FSDP over "data"
+# for the model width, tensor parallel over "model" for vocabulary, heads and MLP.
+PARAM_RULES = {"embed": DATA, "vocab": MODEL, "heads": MODEL, "mlp": MODEL}
+
+
+def param_shardings(state, mesh: jax.sharding.Mesh):
+  """``NamedSharding`` of every weight of an NNX ``state`` on ``mesh``, from its
+  ``logical_axes`` metadata by :data:`PARAM_RULES`. A dimension stays whole where the mesh has no
+  such axis or the axis does not divide it (e.g. 1 key/value head over 2 devices); weights
+  without names (norms) are replicated."""
+  from flax import nnx
+
+  def spec(var):
+    names = var.get_metadata().get("logical_axes") or ()
+    axes = []
+    for name, size in zip(names, var.shape):
+      axis = PARAM_RULES.get(name)
+      ok = axis in mesh.axis_names and size % mesh.shape[axis] == 0 and axis not in axes
+      axes.append(axis if ok else None)
+    return jax.sharding.NamedSharding(mesh, P(*axes))
+
+  return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_placement(state, mesh: jax.sharding.Mesh | None = None):
+  """Where a model's weights go: by :func:`param_shardings` on ``mesh``; else whole on every
+  device of the mesh in context (``jax.set_mesh``), so they meet row-sharded inputs there;
+  None (default placement) without either."""
+  from flax import nnx
+  if mesh is not None:
+    return param_shardings(state, mesh)
+  here = jax.sharding.get_mesh()
+  if here.empty:
+    return None
+  whole = jax.sharding.NamedSharding(here, P())
+  return jax.tree.map(lambda v: whole, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _each_param(fn, state, placement):
+  from flax import nnx
+  return jax.tree.map(lambda v, s: v.replace(fn(v.get_value(), s)), state, placement,
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def abstract_params(state, placement):
+  """An abstract NNX ``state`` whose leaves carry their ``placement`` (a tree of shardings):
+  an Orbax restore into it reads each device's shard straight into place (no host copy)."""
+  return _each_param(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state,
+                     placement)
+
+
+def place_params(state, placement):
+  """A concrete NNX ``state`` moved to its ``placement`` through host memory (which works
+  across processes, where a device-to-device copy between hosts may not)."""
+  return _each_param(lambda a, s: jax.device_put(np.asarray(a), s), state, placement)
+
+
+def replicated(tree):
+  """Small arrays (a recalibration head) whole on every device of the mesh in context;
+  unchanged without a mesh."""
+  here = jax.sharding.get_mesh()
+  if here.empty:
+    return tree
+  return jax.device_put(jax.tree.map(np.asarray, tree), jax.sharding.NamedSharding(here, P()))
+
+
 def _specs(z, mesh):
   """(rows × vocabulary, rows) partition specs of ``z [B, V]`` on ``mesh``; checks that the
   mesh has a ``"model"`` axis that splits the vocabulary evenly."""

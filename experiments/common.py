@@ -4,7 +4,8 @@ output folder's item store (``--resume``) and manifest.
 
 Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
 directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
-``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``, ``--mesh``.
+``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``, ``--mesh``,
+``--distributed`` (with ``--coordinator_address``, ``--num_processes``, ``--process_id``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,23 @@ HEAD = flags.DEFINE_string("head", None, "A trained recalibration head (the head
                            "experiments.train_head), applied to the model's logits.")
 MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:8 or data:4,model:2 (all "
                            "devices): every row function runs data-parallel over 'data'.")
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "One of several processes (TPU pod slice, multi-GPU hosts, SLURM, "
+    "Open MPI): calls jax.distributed.initialize(); the cluster is detected, or described by "
+    "--coordinator_address, --num_processes and --process_id. Only process 0 writes.")
+COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                  "host:port of process 0 (with --distributed).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (with --distributed).")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process (with --distributed).")
 
 
 def on_mesh(run):
-  """Runs a binary's ``run()`` under the ``--mesh`` device mesh (none: default placement)."""
+  """Runs a binary's ``run()`` as one of ``--distributed`` processes (if asked) and under the
+  ``--mesh`` device mesh (none: default placement)."""
   @functools.wraps(run)
   def wrapped(*args, **kwargs):
+    if DISTRIBUTED.value and not jax.distributed.is_initialized():
+      jax.distributed.initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value)
     if not MESH.value:
       return run(*args, **kwargs)
     with jax.set_mesh(sharding.make_mesh(MESH.value)):
@@ -73,7 +85,12 @@ def load_tasks() -> list[tasks.Task]:
 
 
 def load_model():
-  return models.load(MODEL.value, cache_dir=CACHE_DIR.value)
+  """The ``--model``; its weights sharded over the ``--mesh`` when it has a ``"model"`` axis
+  (FSDP + tensor parallel), else replicated (a ``"data"``-only mesh is pure data parallel)."""
+  mesh = sharding.make_mesh(MESH.value) if MESH.value else None
+  if mesh is not None and sharding.MODEL not in mesh.axis_names:
+    mesh = None
+  return models.load(MODEL.value, cache_dir=CACHE_DIR.value, mesh=mesh)
 
 
 def load_head(lm):

@@ -69,17 +69,40 @@ def test_diagnose_outputs(setup):
   assert manifest["versions"]["jax"] and manifest["wall_s"] > 0 and manifest["devices"]
 
 
+def assert_same_numbers(a, b, where=""):
+  """Equal JSON trees: the same keys, strings and counts, floats within 1e-4 relative."""
+  assert type(a) is type(b) or {type(a), type(b)} <= {int, float}, where
+  if isinstance(a, dict):
+    assert a.keys() == b.keys(), where
+    for k in a:
+      assert_same_numbers(a[k], b[k], f"{where}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b)):
+      assert_same_numbers(x, y, f"{where}[{i}]")
+  elif isinstance(a, float):
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-30, nan_ok=True), where
+  else:
+    assert a == b, where
+
+
 def test_binaries_on_a_data_mesh_write_the_same_numbers(setup):
-  """--mesh=data:8 (the 8 fake devices): rows run data-parallel, every number is the same."""
+  """--mesh=data:8 (the 8 fake devices): node batches and metric rows run data-parallel.
+  Metrics of given logits are bit-identical (tests/test_sharding.py); the model's float32
+  matrix products are blocked differently for 1/8 of the batch, so logits move by ~1e-5
+  relative and the files agree to that."""
   one, eight = setup["root"] / "mesh1", setup["root"] / "mesh8"
   run(diagnose, setup, one, floor=1e-4, max_nodes=12)
   run(diagnose, setup, eight, floor=1e-4, max_nodes=12, mesh="data:8")
-  assert read(one / "summary.json") == read(eight / "summary.json")
-  assert read(one / "positions.jsonl") == read(eight / "positions.jsonl")
+  assert_same_numbers(json.loads(read(one / "summary.json")),
+                      json.loads(read(eight / "summary.json")))
+  lines = lambda d: [json.loads(l) for l in read(d / "positions.jsonl").splitlines()]
+  assert_same_numbers(lines(one), lines(eight))
   flags = dict(samplers=["top_p=0.9", "oracle_set,t=1.5"], temperatures=[1.0], coverage_n=5)
   run(frontier, setup, one / "f", **flags)
   run(frontier, setup, eight / "f", mesh="data:8", **flags)
-  assert read(one / "f" / "frontier.json") == read(eight / "f" / "frontier.json")
+  assert_same_numbers(json.loads(read(one / "f" / "frontier.json")),
+                      json.loads(read(eight / "f" / "frontier.json")))
   with pytest.raises(errors.InputError, match="needs 6 devices"):
     run(diagnose, setup, setup["root"] / "mesh6", mesh="data:6")
 

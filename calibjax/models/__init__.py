@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calibjax import errors
+from calibjax import errors, sharding
 from calibjax.models import checkpoint
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
 from calibjax.models.language_model import LanguageModel
@@ -100,7 +100,8 @@ def _stamp(path: str) -> str:
 
 
 def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
-         dtype: str = "float32", progress: bool = True) -> LanguageModel:
+         dtype: str = "float32", progress: bool = True,
+         mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
   """Loads a Gemma 3 model by name (``"gemma3-270m"``: the packaged GGUF), GGUF file path, or
   Hugging Face directory.
 
@@ -109,6 +110,10 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
     dtype: ``"float32"`` (default) or ``"bfloat16"`` parameters and activations (norms,
       softmax and logits stay float32).
     progress: a progress bar while dequantising.
+    mesh: place the weights on this device mesh (:func:`calibjax.sharding.param_shardings`:
+      FSDP over ``"data"``, tensor parallel over ``"model"``); a cached checkpoint is
+      restored straight into that layout. None: one device, or every device of the mesh in
+      context (``jax.set_mesh``), replicated.
 
   Raises:
     ModelLoadError: unknown name, unreadable or wrong-architecture file, missing tensors.
@@ -123,16 +128,26 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
   def abstract(files):
     holder["cfg"] = Gemma3Config(**json.loads(files["config.json"]))
     holder["graph"], state = _abstract(holder["cfg"])
-    return state
+    holder["placement"] = sharding.param_placement(state, mesh)
+    return state if holder["placement"] is None else sharding.abstract_params(
+        state, holder["placement"])
 
   try:
     state, files = checkpoint.load(folder, abstract)
     cfg, graph = holder["cfg"], holder["graph"]
   except errors.CheckpointError as e:
+    if jax.process_count() > 1:  # processes would race to write one cache entry
+      raise errors.ModelLoadError(
+          f"{folder}: {e} In a multi-process run the converted model must already be cached: "
+          f"load it once with a single process first (calibjax.models.load({name_or_path!r}, "
+          f"cache_dir=...)).") from e
     if os.path.exists(folder):
       print(f"calibjax: rebuilding the cache of {path}: {e}", file=sys.stderr)
     cfg, graph, state, files = _convert(path, progress)
     checkpoint.save(folder, state, files)
+    placement = sharding.param_placement(state, mesh)
+    if placement is not None:  # the fresh conversion is on one device
+      state = sharding.place_params(state, placement)
   tok = json.loads(files["tokenizer.json"])
   tokenizer = Tokenizer(tok["tokens"], np.asarray(tok["scores"], np.float32),
                         np.asarray(tok["types"], np.int32), tok["bos"], tok["eos"], tok["unk"],

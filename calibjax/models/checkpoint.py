@@ -44,10 +44,20 @@ def save(folder: str, state, files: dict[str, bytes]) -> None:
   os.replace(tmp, os.path.join(folder, _MARKER))
 
 
+def _placed(sharding) -> bool:
+  """A sharding on real devices (not None, not on an abstract mesh from ``eval_shape``)."""
+  return sharding is not None and not (
+      isinstance(sharding, jax.sharding.NamedSharding) and
+      isinstance(sharding.mesh, jax.sharding.AbstractMesh))
+
+
 def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
          ) -> tuple[object, dict[str, bytes]]:
   """Restores the side files, then the state into ``abstract_state(files)`` (the expected
   shapes and dtypes, which may depend on the side files, e.g. a config).
+
+  Leaves of the abstract state that carry a sharding are restored into it (each device reads
+  its shard); the others onto this process's first device.
 
   Raises:
     CheckpointError: missing, partial or corrupt entry (the message says which part).
@@ -71,6 +81,12 @@ def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
     abstract_state = abstract_state(files)
   except (KeyError, ValueError, TypeError) as e:
     raise errors.CheckpointError(f"{folder}: side files do not describe a model ({e}).") from e
+  # leaves without a sharding go to this process's first device: Orbax would otherwise reuse
+  # the sharding recorded at save time (e.g. replicated over a mesh that was in context then)
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract_state = jax.tree.map(
+      lambda a: a if _placed(getattr(a, "sharding", None)) else
+      jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract_state)
   try:
     with ocp.StandardCheckpointer() as ckpt:
       state = ckpt.restore(os.path.join(os.path.abspath(folder), "state"), abstract_state)

@@ -69,8 +69,14 @@ class KVCache:
                pos=jnp.full((batch, size), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
-def _init(rngs, shape, scale=0.02):
-  return jax.random.normal(rngs.params(), shape, jnp.float32) * scale
+def _param(rngs, shape, axes, scale=0.02):
+  """A weight annotated with logical axis names (``logical_axes`` metadata): ``"vocab"``,
+  ``"embed"``, ``"heads"``, ``"mlp"``. :func:`calibjax.sharding.param_shardings` maps them onto
+  a mesh (FSDP over ``"data"`` for ``"embed"``, tensor parallel over ``"model"`` for the
+  rest). Not NNX's ``out_sharding``, which NNX applies by itself under any mesh in context
+  (and fails where the mesh lacks an axis); placement here is explicit, at load time."""
+  value = jax.random.normal(rngs.params(), shape, jnp.float32) * scale
+  return nnx.Param(value, logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):
@@ -106,10 +112,10 @@ def rope(x, pos, base: float, scale: float):
 class Attention(nnx.Module):
   def __init__(self, cfg: Gemma3Config, layer: int, rngs: nnx.Rngs):
     d, h, kv, hd = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
-    self.q_proj = nnx.Param(_init(rngs, (d, h * hd)))
-    self.k_proj = nnx.Param(_init(rngs, (d, kv * hd)))
-    self.v_proj = nnx.Param(_init(rngs, (d, kv * hd)))
-    self.o_proj = nnx.Param(_init(rngs, (h * hd, d)))
+    self.q_proj = _param(rngs, (d, h * hd), ("embed", "heads"))
+    self.k_proj = _param(rngs, (d, kv * hd), ("embed", "heads"))
+    self.v_proj = _param(rngs, (d, kv * hd), ("embed", "heads"))
+    self.o_proj = _param(rngs, (h * hd, d), ("heads", "embed"))
     self.q_norm = RMSNorm(hd, cfg.eps)
     self.k_norm = RMSNorm(hd, cfg.eps)
     self.is_global = cfg.is_global(layer)
@@ -147,9 +153,9 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs):
-    self.gate = nnx.Param(_init(rngs, (cfg.hidden, cfg.ffn)))
-    self.up = nnx.Param(_init(rngs, (cfg.hidden, cfg.ffn)))
-    self.down = nnx.Param(_init(rngs, (cfg.ffn, cfg.hidden)))
+    self.gate = _param(rngs, (cfg.hidden, cfg.ffn), ("embed", "mlp"))
+    self.up = _param(rngs, (cfg.hidden, cfg.ffn), ("embed", "mlp"))
+    self.down = _param(rngs, (cfg.ffn, cfg.hidden), ("mlp", "embed"))
 
   def __call__(self, x):
     return (jax.nn.gelu(x @ self.gate[...], approximate=True) * (x @ self.up[...])) @ self.down[...]
@@ -180,7 +186,7 @@ class Gemma3(nnx.Module):
   def __init__(self, cfg: Gemma3Config, rngs: nnx.Rngs | None = None):
     rngs = rngs or nnx.Rngs(0)
     self.cfg = cfg
-    self.embed = nnx.Param(_init(rngs, (cfg.vocab_size, cfg.hidden), 1.0))
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden), ("vocab", "embed"), 1.0)
     self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.layers)])
     self.final_norm = RMSNorm(cfg.hidden, cfg.eps)
 

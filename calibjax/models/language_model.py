@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from calibjax import errors
+from calibjax.rowwise import spread
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
 from calibjax.models.tokenizer import Tokenizer
 
@@ -51,6 +52,7 @@ class LanguageModel:
   @functools.partial(jax.jit, static_argnums=(0, 4, 6), donate_argnames=("cache",))
   def _forward(self, state, ids, mask, size, cache=None, last=False):
     model = nnx.merge(self._graph, state)
+    ids, mask = spread((ids, mask))  # data parallel over a mesh's "data" axis, if any
     if cache is None:
       cache = KVCache.empty(self.config, ids.shape[0], size, self.dtype)
     return model(ids, mask, cache, at=_last_real(mask) if last else None)
@@ -60,6 +62,7 @@ class LanguageModel:
     model = nnx.merge(self._graph, state)
     cache = jax.tree.map(lambda x: jnp.broadcast_to(x, (ids.shape[0],) + x.shape[1:])
                          if x.ndim else x, cache)
+    ids, mask, cache = spread((ids, mask, cache))
     logits, hidden, _ = model(ids, mask, cache, at=_last_real(mask))
     return logits, hidden
 
