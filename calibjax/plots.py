@@ -97,6 +97,26 @@ def frontier_figure(frontiers: dict):
   return fig
 
 
+def heads_figure(report: dict):
+  """Per held-out task: coverage@N at seq_validity ≥ the report's level — the base model's best
+  heuristic sampler, each head's, and oracle_set on the base model (from report.json)."""
+  tasks = report["tasks"]
+  heads = list(report["heads"])
+  fig, axes = _panels(len(tasks), 3.2 + 0.5 * len(heads), 3.4)
+  for ax, (task, row) in zip(axes, tasks.items()):
+    labels = ["base"] + heads + ["oracle_set"]
+    cells = [row["base_best_heuristic"]] + [row[h]["best_heuristic"] for h in heads] + [
+        row["oracle_set_base"]]
+    values = [0.0 if c is None else c["coverage"] for c in cells]
+    ax.bar(range(len(labels)), values, color=["0.55"] + ["C0"] * len(heads) + ["C2"])
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(task, fontsize=10)
+    ax.set_ylabel(f"coverage at validity ≥ {report['level']:g}")
+  fig.tight_layout()
+  return fig
+
+
 def save(fig, path: str) -> str:
   """Writes ``fig`` as a PNG to ``path`` atomically (process 0 only); returns ``path``."""
   if not results.is_writer():

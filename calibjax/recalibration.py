@@ -3,13 +3,15 @@ hidden state ``h [B, d]`` and logits ``z [B, V]`` to adjusted logits, and their 
 
 Heads (each exactly the base model at its identity initialisation):
 
-- :class:`TemperatureHead` — ``z' = z · s(h)``, ``s = exp(w·h + b) > 0``, ``s = 1`` at
+- :class:`TemperatureHead` — ``z' = z · s(h)``, ``s = exp(w·ĥ + b) > 0``, ``s = 1`` at
   init: reshapes each position's distribution, keeps its order;
-- :class:`LowRankHead` — ``z' = z · s(h) + E (U Vᵀ h)`` with ``E [V, d]`` the (frozen, tied)
+- :class:`LowRankHead` — ``z' = z · s(h) + E (U Vᵀ ĥ)`` with ``E [V, d]`` the (frozen, tied)
   output embedding and rank-r ``U, V [d, r]`` (``U = 0`` at init): can reorder tokens;
-- :class:`ThresholdHead` — a per-position threshold ``τ(h) = σ(w·h + b)`` in probability
+- :class:`ThresholdHead` — a per-position threshold ``τ(h) = σ(w·ĥ + b)`` in probability
   space, applied softly while training, ``z' = z + g · log σ((log p − log τ) / κ)`` (gate
   ``g = 0`` at init), and as a hard cut when sampling (:meth:`ThresholdHead.truncate`).
+
+Every head reads the final hidden state through ``ĥ = h / rms(h)`` (its direction).
 
 Losses (SPEC §2's decomposition ``KL(r‖p) = −log p(V) + KL(r‖q)``): on task positions
 ``λ_valid · (−log p(V)) + λ_shape · KL(r‖q)`` with ``r`` the target over the valid tokens and
@@ -30,8 +32,16 @@ from flax import nnx
 from calibjax import errors, sharding
 from calibjax.models import checkpoint
 
+def _unit(h):
+  """``h / rms(h)``: the heads see the direction of the final hidden state, not its scale
+  (Gemma's normed states carry the norm weights: entries of tens; a raw ``w·h`` makes
+  ``exp(w·h)`` jump at the first steps)."""
+  h = h.astype(jnp.float32)
+  return h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + 1e-6)
+
+
 class TemperatureHead(nnx.Module):
-  """``z' = z · exp(w·h + b)``; exactly the identity at init (``w = 0``, ``b = 0``)."""
+  """``z' = z · exp(w·ĥ + b)``, ``ĥ = h / rms(h)``; exactly the identity at init."""
 
   def __init__(self, hidden: int, *, rngs: nnx.Rngs | None = None):
     del rngs
@@ -39,15 +49,15 @@ class TemperatureHead(nnx.Module):
     self.b = nnx.Param(jnp.zeros((), jnp.float32))
 
   def scale(self, h):
-    return jnp.exp(h.astype(jnp.float32) @ self.w[...] + self.b[...])[..., None]
+    return jnp.exp(_unit(h) @ self.w[...] + self.b[...])[..., None]
 
   def __call__(self, h, z, embed=None):
     return z * self.scale(h)
 
 
 class LowRankHead(nnx.Module):
-  """``z' = z · s(h) + E (U Vᵀ h)``; ``E``: the model's output embedding ``[V, d]`` (passed
-  in, never trained); identity at init (``U = 0``, ``s = 1``)."""
+  """``z' = z · s(h) + E (U Vᵀ ĥ)``, ``ĥ = h / rms(h)``; ``E``: the model's output embedding
+  ``[V, d]`` (passed in, never trained); identity at init (``U = 0``, ``s = 1``)."""
 
   def __init__(self, hidden: int, rank: int = 8, *, rngs: nnx.Rngs):
     self.temperature = TemperatureHead(hidden)
@@ -56,12 +66,12 @@ class LowRankHead(nnx.Module):
                        / math.sqrt(hidden))
 
   def __call__(self, h, z, embed):
-    delta = (h.astype(jnp.float32) @ self.v[...]) @ self.u[...].T     # [B, d]
+    delta = (_unit(h) @ self.v[...]) @ self.u[...].T     # [B, d]
     return self.temperature(h, z) + delta @ jnp.asarray(embed, jnp.float32).T
 
 
 class ThresholdHead(nnx.Module):
-  """A learned per-position probability threshold ``τ(h) = σ(w·h + b)``: soft (temperature
+  """A learned per-position probability threshold ``τ(h) = σ(w·ĥ + b)``: soft (temperature
   ``kappa``, gate ``g``) in :meth:`__call__`, hard in :meth:`truncate`; identity at init."""
 
   def __init__(self, hidden: int, kappa: float = 0.5, init_tau: float = 1e-4, *,
@@ -73,7 +83,7 @@ class ThresholdHead(nnx.Module):
     self.kappa = kappa
 
   def log_tau(self, h):
-    return jax.nn.log_sigmoid(h.astype(jnp.float32) @ self.w[...] + self.b[...])[..., None]
+    return jax.nn.log_sigmoid(_unit(h) @ self.w[...] + self.b[...])[..., None]
 
   def __call__(self, h, z, embed=None):
     log_p = jax.nn.log_softmax(z, axis=-1)

@@ -31,8 +31,9 @@ def setup(tmp_path_factory):
 
 
 def run(module, setup, out, **extra):
-  with flagsaver.flagsaver(model=setup["model"], task=setup["tasks"], out=str(out),
-                           cache_dir=setup["cache_dir"], batch_size=8, **extra):
+  flags = dict(model=setup["model"], task=setup["tasks"], out=str(out),
+               cache_dir=setup["cache_dir"], batch_size=8)
+  with flagsaver.flagsaver(**{**flags, **extra}):
     return module.run()
 
 
@@ -277,3 +278,25 @@ def test_train_head_then_use_it(setup):
   tuned = json.loads(read(tuned_dir / "frontier.json"))["tiny_ab"]
   assert tuned["points"][0]["seq_validity"] != plain["points"][0]["seq_validity"]
   assert json.loads(read(tuned_dir / "manifest.json"))["flags"]["head"] == str(out / "head")
+
+  # the held-out report: the same frontier per model, numbers recomputed from its own files
+  from calibjax import head_report as hr
+  from experiments import head_report
+  rep_dir = setup["root"] / "head_report"
+  samplers = ["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3", "oracle_set,t=1.5"]
+  rep = run(head_report, setup, rep_dir, samplers=samplers, coverage_n=10, level=0.5,
+            head_dirs=[f"lr={out / 'head'}"], task=[setup["tasks"][1]])
+  assert json.loads(read(rep_dir / "report.json")) == json.loads(json.dumps(rep))
+  fr = json.loads(read(rep_dir / "frontiers.json"))["tiny_ba"]
+  assert [p["seq_validity"] for p in fr["base"]["points"]] != [
+      p["seq_validity"] for p in fr["lr"]["points"]]
+  row = rep["tasks"]["tiny_ba"]
+  assert row["base_best_heuristic"] == hr.best_coverage(fr["base"], 0.5)
+  assert row["lr"]["best_heuristic"] == hr.best_coverage(fr["lr"], 0.5)
+  assert row["oracle_set_base"]["sampler"] == "oracle_set,t=1.5"
+  assert rep["step_metrics"]["base"]["positions"] == rep["step_metrics"]["lr"]["positions"] > 0
+  assert rep["keep_kl"]["lr"] > 0 and set(rep["keep_kl"]) == {"lr"}
+  assert "tiny_ba" in read(rep_dir / "report.md")
+  assert (rep_dir / "coverage.png").read_bytes()[:8] == PNG
+  with pytest.raises(errors.InputError, match="name=path"):
+    run(head_report, setup, setup["root"] / "bad_report", head_dirs=["nameless"])
