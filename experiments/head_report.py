@@ -64,7 +64,14 @@ def report_markdown(rep: dict) -> str:
       hs.append(cell(row[h]["best_heuristic"]) + ("" if g is None else f" ({g:+.0%})"))
     lines.append(f"| {task} | {cell(row['base_best_heuristic'])} | " + " | ".join(hs) +
                  f" | {cell(row['oracle_set_base'])} |")
-  lines += ["", "target (mean relative gain ≥ {relative_gain:.0%}, keep KL ≤ {keep_kl}): ".format(
+  lines += ["", "Mean coverage at the floor over the tasks (0 where no sampler reaches it):", "",
+            "| head | mean coverage | base | relative gain | keep KL | target |",
+            "|---|---|---|---|---|---|"]
+  for h, v in rep["heads"].items():
+    gain = "–" if v["relative_gain"] is None else f"{v['relative_gain']:+.0%}"
+    lines.append(f"| {h} | {v['mean_coverage']:.3f} | {v['base_mean_coverage']:.3f} | {gain} | "
+                 f"{v['keep_kl']:.4f} | {'met' if v['meets_target'] else 'not met'} |")
+  lines += ["", "target (relative gain ≥ {relative_gain:.0%}, keep KL ≤ {keep_kl}): ".format(
       **rep["target"]) + ("met" if rep["target_met"] else "not met"), ""]
   return "\n".join(lines)
 

@@ -35,6 +35,14 @@ def test_summary_gain_and_target():
   rep = hr.summarise({"t": {"base": BASE, "h": HEAD}}, steps, {"h": 0.01})
   assert rep["tasks"]["t"]["h"]["relative_gain"] == pytest.approx(0.5 / 0.4 - 1)
   assert rep["heads"]["h"]["meets_target"] and rep["target_met"]
+  # a task where nothing reaches the floor counts 0 for both; one where only the head does
+  none = _item([("t=1", "temperature", 0.5, 0.9)])
+  rep = hr.summarise({"t": {"base": BASE, "h": HEAD}, "u": {"base": none, "h": none},
+                      "v": {"base": none, "h": HEAD}}, steps, {"h": 0.01})
+  assert rep["heads"]["h"]["base_mean_coverage"] == pytest.approx(0.4 / 3)
+  assert rep["heads"]["h"]["mean_coverage"] == pytest.approx(1.0 / 3)
+  assert rep["heads"]["h"]["relative_gain"] == pytest.approx(1.0 / 0.4 - 1)
+  assert rep["tasks"]["v"]["h"]["relative_gain"] is None
   rep = hr.summarise({"t": {"base": BASE, "h": HEAD}}, steps, {"h": 0.2})  # keep KL too high
   assert not rep["target_met"]
   rep = hr.summarise({"t": {"base": BASE, "h": HEAD}}, steps, {"h": 0.0}, target_gain=0.3)
