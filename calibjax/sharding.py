@@ -1,8 +1,11 @@
-"""Meshes from flags, and vocabulary-sharded whole-vocabulary ops (``jax.shard_map``).
+"""Meshes from flags, model weight placement, and vocabulary-sharded ops (``jax.shard_map``).
 
 Two mesh axes have a meaning in calibjax: ``"data"`` splits rows (positions, samples, nodes;
 every row function does this by itself under ``jax.set_mesh``, see :mod:`calibjax.rowwise`),
-``"model"`` splits the vocabulary of rows too large for one device. The vocabulary-sharded ops
+``"model"`` splits the vocabulary of rows too large for one device, and the model's weights
+(:func:`param_shardings`: FSDP over ``"data"``, tensor parallel over ``"model"``;
+:func:`param_placement`, :func:`abstract_params` and :func:`place_params` put them there, an
+Orbax restore straight into place). The vocabulary-sharded ops
 compute each shard's partial result with the array core's own implementation (XLA or the
 Pallas kernels, :mod:`calibjax.dispatch`) and combine shards with explicit collectives:
 
