@@ -97,7 +97,11 @@ def inv_freq(base: float, hd: int) -> np.ndarray:
 
 
 def rope(x, pos, base: float, scale: float):
-  """Rotary embedding (rotate-half convention) of ``x [B, T, N, hd]`` at ``pos [B, T]``."""
+  """Rotary embedding (rotate-half convention) of ``x [B, T, N, hd]`` at ``pos [B, T]``.
+
+  The angles ``pos × inv_freq`` are float32 products, as in the reference implementations;
+  exact angles would move log-probabilities past a few hundred tokens by up to ~4e-3 away
+  from them (BUILD_NOTES.md, "The model")."""
   hd = x.shape[-1]
   freqs = jnp.asarray(inv_freq(base, hd))
   angles = (pos.astype(jnp.float32)[..., None] / scale) * freqs  # [B, T, hd/2]

@@ -46,8 +46,9 @@ def load(path, dtype=torch.float32):
 
 
 def golden(path, out):
-  """Top-100 next tokens of the float64 run (the reference in exact-enough arithmetic) and
-  their log-probabilities in float64 and in float32."""
+  """Top-100 next tokens of the float64 run and their log-probabilities in float64 and in
+  float32. The float64 run is float64 except its rotary angles, which `transformers`
+  computes in float32 whatever the model's dtype (as calibjax does; see BUILD_NOTES.md)."""
   tok, model64 = load(path, torch.float64)
   _, model32 = load(path, torch.float32)
   data = {}
