@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import os
 import platform
 import time
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calibjax import numpy_reference, order, shape
+import kernels
+from calibjax import dispatch, numpy_reference, order, selection, shape
 from calibjax.rowwise import map_rows
 
 
@@ -373,3 +375,143 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
       "seq_validity": {r.sampler: r.seq_validity for r in res.samplers},
       "coverage100": {r.sampler: r.coverage.get(100) for r in res.samplers},
       "targets_met": {"mc1000_one_sampler_over_exact_64_samplers>=1": ratio >= 1.0}}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBenchmarkConfig:
+  """The kernels' input shape and dtypes, valid tokens per row, thresholds and valid-logit
+  slots per row, repeats, the rows checked against the references, and the seed."""
+  shape: tuple[int, int] = (256, 262144)
+  dtypes: tuple[str, ...] = ("float32", "bfloat16")
+  n_valid: int = 50
+  thresholds: int = 32
+  slots: int = 64
+  repeats: int = 10
+  parity_rows: int = 8
+  seed: int = 0
+
+
+# Targets of the kernels issue, on an accelerator at [256, 262144].
+KERNEL_TARGETS = {"row_stats.read_fraction": (">=", 0.5),
+                  "threshold_stats.xla_over_kernel": (">=", 3.0)}
+
+
+def _kernel_inputs(cfg: KernelBenchmarkConfig, dtype: str) -> dict:
+  """Logits, mask and every kernel's per-row arguments: temperature 0.8, thresholds spread
+  over each row's top 20 nats of scaled logit, the valid logits as slots (+inf padded)."""
+  z_np, m_np = synthetic_inputs(*cfg.shape, cfg.n_valid, cfg.seed)
+  z = jnp.asarray(z_np, dtype)
+  zf = np.asarray(z.astype(jnp.float32))
+  t = np.full(cfg.shape[0], 0.8, np.float32)
+  top = zf.max(axis=1)
+  total = np.exp((zf - top[:, None]) / t[:, None]).sum(axis=1, dtype=np.float32)
+  a_top = top / t
+  zero = np.zeros_like(t)
+  slots = np.sort(np.where(m_np, zf, np.inf), axis=1)[:, :cfg.slots]
+  return dict(z=z, m=jnp.asarray(m_np), t=jnp.asarray(t),
+              consts6=jnp.asarray(np.stack([t, top / t, total, zero, zero, zero], axis=1)),
+              thresholds=jnp.asarray(a_top[:, None] - np.linspace(0, 20, cfg.thresholds)[None]),
+              slots=jnp.asarray(slots), consts3=jnp.asarray(np.stack([t, top, total], axis=1)))
+
+
+@jax.jit
+def _threshold_stats_xla(z, m, consts, thresholds):
+  """What the array core's XLA path computes for the same quantities (``score="logit"``):
+  :func:`calibjax.selection.threshold_stats` row by row."""
+  def row(zr, mr, c, th):
+    a = zr.astype(jnp.float32) / c[0]
+    p = jnp.exp(a - c[1]) / c[2]
+    alive = a > -jnp.inf
+    pv = jnp.where(mr & alive, p, 0.0)
+    return selection.threshold_stats(a - c[3] - c[4], alive, th, (
+        jnp.ones_like(p), p, mr.astype(jnp.float32), pv,
+        jnp.where(pv > 0, pv * jnp.log(pv), 0.0)))
+  return map_rows(row, z, m, consts, thresholds, batch_shape=z.shape[:1])
+
+
+def _parity(got, want) -> dict:
+  """Largest difference per field (integer fields: the number of differing entries)."""
+  out = {}
+  for name, g, w in zip(got._fields, got, want):
+    if g is None:
+      continue
+    g, w = np.asarray(g), np.asarray(w)
+    if np.issubdtype(g.dtype, np.integer):
+      out[f"{name}_differing"] = int(np.sum(g != w))
+    else:
+      both = np.isfinite(g) & np.isfinite(w)
+      out[f"{name}_max_abs_diff"] = float(np.max(np.abs(g - w)[both], initial=0.0))
+      out[f"{name}_nonfinite_differing"] = int(np.sum(np.isfinite(g) != np.isfinite(w)))
+  return out
+
+
+def run_kernel_benchmark(cfg: KernelBenchmarkConfig, log: Callable = print) -> dict:
+  """Times each kernel (the backend's variant, compiled), the XLA path computing the same
+  numbers, and reading the input once (its bytes at the copy bandwidth measured in the same
+  process); checks the kernels against their references on ``parity_rows`` rows. On CPU the
+  kernels only run interpreted: parity is checked, kernel times are not taken."""
+  backend = jax.default_backend()
+  variant = dispatch.VARIANT.get(backend)
+  timed = variant is not None and backend != "cpu"
+  report = {"environment": environment(), "config": dataclasses.asdict(cfg), "variant": variant,
+            "kernels_timed": timed, "dtypes": {}}
+  if not timed:
+    report["note"] = (f"no compiled kernel variant on {backend}: parity checked in interpret "
+                      "mode, kernel times not taken (interpret mode is not performance)")
+  kernel = lambda op: jax.jit(functools.partial(op, variant=variant or "grid",
+                                                interpret=not timed))
+  for dtype in cfg.dtypes:
+    log(f"[{dtype}] generating inputs {cfg.shape}")
+    x = _kernel_inputs(cfg, dtype)
+    z_bytes, m_bytes = x["z"].nbytes, x["m"].nbytes
+    copy_ms = best_ms(jax.jit(lambda v: v * 2), x["z"], repeats=cfg.repeats)
+    bandwidth = 2 * z_bytes / (copy_ms * 1e-3)  # bytes/s: one read and one write
+    row = {"z_bytes": z_bytes, "copy_ms": copy_ms, "copy_bandwidth_gb_s": bandwidth / 1e9,
+           "ops": {}}
+    ops = {
+        "row_stats": (kernels.row_stats, kernels.row_stats_reference,
+                      lambda z, m, t: shape._row_stats(z, m, t, "xla"),
+                      (x["z"], x["m"], x["t"]), z_bytes + m_bytes),
+        "threshold_stats": (kernels.threshold_stats, kernels.threshold_stats_reference,
+                            _threshold_stats_xla,
+                            (x["z"], x["m"], x["consts6"], x["thresholds"]), z_bytes + m_bytes),
+        "valid_rank_counts": (kernels.valid_rank_counts, kernels.valid_rank_counts_reference,
+                              None, (x["z"], x["slots"], x["consts3"]), z_bytes),
+    }
+    for name, (op, reference, xla, args, read_bytes) in ops.items():
+      log(f"[{dtype}] {name}")
+      r = {"read_once_ms": read_bytes / bandwidth * 1e3}
+      head = tuple(a[:cfg.parity_rows] for a in args)
+      r["parity_vs_reference"] = _parity(kernel(op)(*head), reference(*head))
+      if xla is not None:
+        r["xla_ms"] = best_ms(jax.jit(xla), *args, repeats=cfg.repeats)
+      if timed:
+        r["kernel_ms"] = best_ms(kernel(op), *args, repeats=cfg.repeats)
+        r["read_fraction"] = r["read_once_ms"] / r["kernel_ms"]
+        if xla is not None:
+          r["xla_over_kernel"] = r["xla_ms"] / r["kernel_ms"]
+      row["ops"][name] = r
+    if timed and cfg.shape == (256, 262144):
+      row["targets_met"] = {}
+      for key, (op_name, bound) in KERNEL_TARGETS.items():
+        name, field = key.split(".")
+        value = row["ops"][name][field]
+        row["targets_met"][key] = bool(value >= bound if op_name == ">=" else value <= bound)
+    report["dtypes"][dtype] = row
+  return report
+
+
+def format_kernel_table(report: dict) -> str:
+  """A plain-text table: per dtype and kernel, times (ms) and ratios."""
+  cols = ("read_once_ms", "kernel_ms", "xla_ms", "read_fraction", "xla_over_kernel")
+  lines = ["dtype".ljust(10) + "kernel".ljust(20) + "".join(c.rjust(17) for c in cols)]
+  for dtype, row in report["dtypes"].items():
+    for name, r in row["ops"].items():
+      cells = "".join((f"{r[c]:17.3f}" if c in r else "-".rjust(17)) for c in cols)
+      lines.append(dtype.ljust(10) + name.ljust(20) + cells)
+    lines.append(f"{dtype}: copy bandwidth {row['copy_bandwidth_gb_s']:.1f} GB/s")
+  if "note" in report:
+    lines.append(report["note"])
+  env = report["environment"]
+  lines.append(f"backend {env['backend']} ({env['device']}), variant {report['variant']}")
+  return "\n".join(lines)

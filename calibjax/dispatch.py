@@ -4,15 +4,14 @@ Public functions that use a kernel op take ``implementation=``:
 
 - ``"xla"``: the sort-free XLA row functions of the array core (the references of
   :mod:`kernels`);
-- ``"pallas"``: the Pallas kernels of :mod:`kernels` — compiled on TPU, in interpret mode on
-  CPU (for tests, never for speed);
+- ``"pallas"``: the Pallas kernels of :mod:`kernels` — on TPU their ``"grid"`` variant
+  (Mosaic), on GPU their ``"loop"`` variant (Triton: a GPU grid runs its programs in any
+  order, so each program loops over the vocabulary itself), on CPU the ``"grid"`` variant in
+  interpret mode (for tests, never for speed);
 - ``None``: the best available for the backend — ``"pallas"`` on TPU, ``"xla"`` elsewhere.
   (No accelerator has been measured yet, see BUILD_NOTES.md: the TPU choice follows from the
-  XLA paths' scatter histograms, which TPUs serialise.)
-
-The kernels accumulate over vocabulary blocks in grid order, which TPU grids and the
-interpreter guarantee and Triton's parallel GPU grid does not: ``"pallas"`` on GPU is refused
-with a clear error rather than run with races.
+  XLA paths' scatter histograms, which TPUs serialise; on GPU the kernels are opt-in until
+  measured.)
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from calibjax import errors
 from calibjax.rowwise import split_rows
 
 IMPLEMENTATIONS = ("xla", "pallas")
+VARIANT = {"cpu": "grid", "tpu": "grid", "gpu": "loop"}  # the kernels' variant per backend
 
 
 def resolve(implementation: str | None) -> str:
@@ -36,18 +36,18 @@ def resolve(implementation: str | None) -> str:
   if implementation not in IMPLEMENTATIONS:
     raise errors.InputError(f"implementation must be one of {IMPLEMENTATIONS} or None, got "
                             f"{implementation!r}.")
-  if implementation == "pallas" and backend not in ("cpu", "tpu"):
-    raise errors.InputError(
-        f"implementation='pallas' has no {backend} variant: the kernels accumulate over "
-        "vocabulary blocks in grid order, which a GPU grid does not guarantee. Use 'xla'.")
+  if implementation == "pallas" and backend not in VARIANT:
+    raise errors.InputError(f"implementation='pallas' has no {backend} variant; use 'xla'.")
   return implementation
 
 
 def _kernel(fn):
-  """``fn`` with interpret mode on CPU, data-parallel over the mesh's ``"data"`` axis."""
+  """``fn`` in the backend's variant (interpreted on CPU), data-parallel over the mesh's
+  ``"data"`` axis."""
   @functools.wraps(fn)
   def run(*args, **kwargs):
-    local = lambda *xs: fn(*xs, interpret=jax.default_backend() == "cpu", **kwargs)
+    backend = jax.default_backend()
+    local = lambda *xs: fn(*xs, variant=VARIANT[backend], interpret=backend == "cpu", **kwargs)
     return split_rows(local, args[0].shape[0])(*args)
   return run
 

@@ -21,7 +21,15 @@ Expected output: tables of times (ms) and ratios, and two files:
 - ``sequence.json`` (section ``sequence``): US states on the packaged model, exact
   enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time,
   nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
-  ``mc1000_one_sampler_over_exact_64_samplers``.
+  ``mc1000_one_sampler_over_exact_64_samplers``;
+- ``kernels.json`` (section ``kernels``, not run by default; for an accelerator:
+  ``python -m experiments.benchmark --sections=kernels``): per dtype (float32, bfloat16) at
+  ``--kernel_shape`` (256 × 262,144) the copy bandwidth and, per kernel, ``read_once_ms``
+  (bytes read / that bandwidth), ``kernel_ms`` (the backend's variant, compiled),
+  ``xla_ms`` (the array core's XLA path for the same numbers), ``read_fraction``,
+  ``xla_over_kernel``, the differences from the kernel's reference on 8 rows, targets met
+  (row statistics ≥ 0.5 of the read bandwidth, 32-threshold statistics ≥ 3× the XLA path).
+  On CPU the kernels only run interpreted: parity is checked, kernel times are not taken.
 All record versions, backend and device.
 """
 
@@ -38,9 +46,11 @@ _N_VALID = flags.DEFINE_integer("n_valid", 50, "Valid tokens per row.")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "Timed runs per measurement (best is kept).")
 _NUMPY_REPEATS = flags.DEFINE_integer("numpy_repeats", 1, "Timed runs of the NumPy reference.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the synthetic inputs.")
-_SECTIONS = flags.DEFINE_multi_enum("sections", ["metrics", "truncation", "model", "sequence"],
-                                    ["metrics", "truncation", "model", "sequence"],
-                                    "Sections to run.")
+_SECTIONS = flags.DEFINE_multi_enum(
+    "sections", ["metrics", "truncation", "model", "sequence"],
+    ["metrics", "truncation", "model", "sequence", "kernels"],
+    "Sections to run (kernels: on an accelerator, --sections=kernels).")
+_KERNEL_SHAPE = flags.DEFINE_string("kernel_shape", "256x262144", "Shape BxV of the kernels section.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-peer/bin/python",
                                    "Python of the PyTorch peer environment ('' to skip).")
 
@@ -85,6 +95,10 @@ def main(argv):
         seed=_SEED.value))
     keys = ("exact_s", "nodes_expanded", "mc_s", "mc1000_one_sampler_over_exact_64_samplers")
     _write("sequence.json", report, "\n".join(f"{k:42s} {report[k]:.2f}" for k in keys))
+  if "kernels" in _SECTIONS.value:
+    report = benchmarking.run_kernel_benchmark(benchmarking.KernelBenchmarkConfig(
+        shape=_parse_shape(_KERNEL_SHAPE.value), repeats=_REPEATS.value, seed=_SEED.value))
+    _write("kernels.json", report, benchmarking.format_kernel_table(report))
 
 
 if __name__ == "__main__":

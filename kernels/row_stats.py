@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from kernels import blocks
 
@@ -68,50 +67,34 @@ def _merge(old, new):
   return mu, sa + sb, wa + wb
 
 
-def _kernel(z_ref, t_ref, *refs, vocab, bv, masked):
-  if masked:
-    m_ref, refs = refs[0], refs[1:]
-  outs = (refs[:3], refs[3:]) if masked else (refs,)
-
-  @pl.when(blocks.first_step())
-  def _init():
-    for mu, s, w in outs:
-      mu[...] = jnp.full(mu.shape, -jnp.inf, jnp.float32)
-      s[...] = jnp.zeros(s.shape, jnp.float32)
-      w[...] = jnp.zeros(w.shape, jnp.float32)
-
-  inside = blocks.in_bounds(z_ref.shape, vocab, bv)
-  a = jnp.where(inside, z_ref[...].astype(jnp.float32) / t_ref[...], -jnp.inf)
-  xs = (a, jnp.where(m_ref[...] != 0, a, -jnp.inf)) if masked else (a,)
-  for (mu, s, w), x in zip(outs, xs):
-    mu[...], s[...], w[...] = _merge((mu[...], s[...], w[...]), _accumulate(x))
+def _step(acc, tiles, rows, inside):
+  """Merges one block into (μ, S, W) of all tokens and, with a mask, of the valid ones."""
+  (t,) = rows
+  a = jnp.where(inside, tiles[0].astype(jnp.float32) / t, -jnp.inf)
+  xs = (a, jnp.where(tiles[1] != 0, a, -jnp.inf)) if len(tiles) == 2 else (a,)
+  merged = ()
+  for k, x in enumerate(xs):
+    merged += _merge(acc[3 * k:3 * k + 3], _accumulate(x))
+  return merged
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "block_vocab", "interpret"))
+@functools.partial(jax.jit, static_argnames=("variant", "block_rows", "block_vocab", "interpret"))
 def row_stats(z: jax.Array, mask: jax.Array | None, temperature: jax.Array, *,
-              block_rows: int = blocks.ROWS, block_vocab: int = 2048,
+              variant: str = "grid", block_rows: int | None = None, block_vocab: int = 2048,
               interpret: bool = False) -> RowStats:
   """Fused row statistics of ``z [B, V]`` (float32 or bfloat16, upcast in the kernel).
 
-  ``mask``: optional bool ``[B, V]``; ``temperature``: float32 ``[B]``, > 0.
+  ``mask``: optional bool ``[B, V]``; ``temperature``: float32 ``[B]``, > 0; ``variant``,
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
   """
-  batch, vocab = z.shape
-  bb, bv = blocks.block_rows(batch, block_rows), blocks.block_vocab(vocab, block_vocab)
-  masked = mask is not None
-  args = [z, jnp.asarray(temperature, jnp.float32).reshape(batch, 1)]
-  specs = [blocks.tile_spec(bb, bv), blocks.row_spec(bb, 1)]
-  if masked:
-    args.append(blocks.as_int8(mask))
-    specs.append(blocks.tile_spec(bb, bv))
-  n_out = 6 if masked else 3
-  outs = pl.pallas_call(
-      functools.partial(_kernel, vocab=vocab, bv=bv, masked=masked),
-      grid=blocks.grid(batch, vocab, bb, bv), in_specs=specs,
-      out_specs=[blocks.row_spec(bb, 1)] * n_out,
-      out_shape=[jax.ShapeDtypeStruct((batch, 1), jnp.float32)] * n_out,
-      interpret=interpret)(*args)
+  batch = z.shape[0]
+  tiles = [z] if mask is None else [z, blocks.as_int8(mask)]
+  acc = [(1, jnp.float32, -jnp.inf), (1, jnp.float32, 0.0), (1, jnp.float32, 0.0)]
+  outs = blocks.stream(_step, tiles, [jnp.asarray(temperature, jnp.float32).reshape(batch, 1)],
+                       acc * len(tiles), variant=variant, block_rows=block_rows,
+                       block_vocab=block_vocab, interpret=interpret)
   outs = [o[:, 0] for o in outs]
-  return _combine(outs[:3], outs[3:] if masked else None)
+  return _combine(outs[:3], outs[3:] if mask is not None else None)
 
 
 @jax.jit

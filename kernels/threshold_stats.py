@@ -24,13 +24,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from kernels import blocks
 
 SCORES = ("logit", "typical", "valid_or_top")
-# columns of the per-row constants array [B, 6]
-T, TOP, TOTAL, C1, C2, C3 = range(6)
 
 
 class ThresholdStats(NamedTuple):
@@ -42,75 +39,66 @@ class ThresholdStats(NamedTuple):
 
 
 def scores(z, consts, mask, score):
-  """``(a, x, p)`` of a tile: scaled logits, scores and probabilities (see the module doc)."""
-  col = lambda k: consts[:, k:k + 1]
-  a = z.astype(jnp.float32) / col(T)
+  """``(a, x, p)`` of a tile: scaled logits, scores and probabilities (see the module doc).
+  ``consts``: the six per-row constants, each ``[rows, 1]``."""
+  t, top, total, c1, c2, c3 = consts
+  a = z.astype(jnp.float32) / t
   if score == "logit":
-    x = a - col(C1) - col(C2)
+    x = a - c1 - c2
   elif score == "typical":
-    x = jnp.where(a > -jnp.inf, -jnp.abs(-(a - col(C1) - col(C2)) - col(C3)), -jnp.inf)
+    x = jnp.where(a > -jnp.inf, -jnp.abs(-(a - c1 - c2) - c3), -jnp.inf)
   elif score == "valid_or_top":
-    x = mask.astype(jnp.float32) + 0.5 * (a == col(C1))
+    x = mask.astype(jnp.float32) + 0.5 * (a == c1)
   else:
     raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
-  return a, x, jnp.exp(a - col(TOP)) / col(TOTAL)
+  return a, x, jnp.exp(a - top) / total
 
 
-def _kernel(z_ref, c_ref, th_ref, *refs, vocab, bv, score, masked):
-  m_ref, outs = (refs[0], refs[1:]) if masked else (None, refs)
+def _columns(consts):
+  return tuple(consts[:, k:k + 1] for k in range(6))
 
-  @pl.when(blocks.first_step())
-  def _init():
-    for r in outs:
-      r[...] = jnp.zeros(r.shape, r.dtype)
 
-  inside = blocks.in_bounds(z_ref.shape, vocab, bv)
-  valid = (m_ref[...] != 0) if masked else None
-  a, x, p = scores(z_ref[...], c_ref[...], valid, score)
+def _step(acc, tiles, rows, inside, *, score):
+  """Adds one block's kept counts and sums at every threshold."""
+  valid = (tiles[1] != 0) if len(tiles) == 2 else None
+  *consts, th = rows
+  a, x, p = scores(tiles[0], consts, valid, score)
   alive = inside & (a > -jnp.inf)
-  kept = alive[:, None, :] & (x[:, None, :] >= th_ref[...][:, :, None])  # [rows, S, bv]
+  kept = alive[:, None, :] & (x[:, None, :] >= th[:, :, None])  # [rows, S, bv]
   total = lambda w: jnp.sum(jnp.where(kept, w[:, None, :], 0.0), axis=-1)
   count = lambda k: jnp.sum(k.astype(jnp.int32), axis=-1)
-  outs[0][...] += count(kept)
-  outs[1][...] += total(p)
-  if masked:
-    kv = kept & valid[:, None, :]
+  new = [count(kept), total(p)]
+  if valid is not None:
     pv = jnp.where(valid & alive, p, 0.0)
-    outs[2][...] += count(kv)
-    outs[3][...] += total(pv)
-    outs[4][...] += total(jnp.where(pv > 0, pv * jnp.log(pv), 0.0))
+    new += [count(kept & valid[:, None, :]), total(pv),
+            total(jnp.where(pv > 0, pv * jnp.log(pv), 0.0))]
+  return tuple(old + inc for old, inc in zip(acc, new))
 
 
-@functools.partial(jax.jit, static_argnames=("score", "block_rows", "block_vocab", "interpret"))
+@functools.partial(jax.jit, static_argnames=("score", "variant", "block_rows", "block_vocab",
+                                             "interpret"))
 def threshold_stats(z: jax.Array, mask: jax.Array | None, consts: jax.Array,
-                    thresholds: jax.Array, *, score: str = "logit",
-                    block_rows: int = blocks.ROWS, block_vocab: int = 512,
+                    thresholds: jax.Array, *, score: str = "logit", variant: str = "grid",
+                    block_rows: int | None = None, block_vocab: int = 512,
                     interpret: bool = False) -> ThresholdStats:
   """Threshold statistics of ``z [B, V]`` (float32/bfloat16) at ``thresholds [B, S]``.
 
   ``consts``: float32 ``[B, 6]`` = (T, top, total, c₁, c₂, c₃) per row (module doc);
-  ``mask``: optional bool ``[B, V]`` (required by ``score="valid_or_top"``).
+  ``mask``: optional bool ``[B, V]`` (required by ``score="valid_or_top"``); ``variant``,
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
   """
   if score not in SCORES:
     raise ValueError(f"score must be one of {SCORES}, got {score!r}.")
   if score == "valid_or_top" and mask is None:
     raise ValueError("score='valid_or_top' needs a mask.")
-  batch, vocab = z.shape
   n = thresholds.shape[-1]
-  bb, bv = blocks.block_rows(batch, block_rows), blocks.block_vocab(vocab, block_vocab)
-  masked = mask is not None
-  args = [z, consts.astype(jnp.float32), thresholds.astype(jnp.float32)]
-  specs = [blocks.tile_spec(bb, bv), blocks.row_spec(bb, 6), blocks.row_spec(bb, n)]
-  if masked:
-    args.append(blocks.as_int8(mask))
-    specs.append(blocks.tile_spec(bb, bv))
-  dtypes = [jnp.int32, jnp.float32] + ([jnp.int32, jnp.float32, jnp.float32] if masked else [])
-  outs = pl.pallas_call(
-      functools.partial(_kernel, vocab=vocab, bv=bv, score=score, masked=masked),
-      grid=blocks.grid(batch, vocab, bb, bv), in_specs=specs,
-      out_specs=[blocks.row_spec(bb, n)] * len(dtypes),
-      out_shape=[jax.ShapeDtypeStruct((batch, n), d) for d in dtypes],
-      interpret=interpret)(*args)
+  tiles = [z] if mask is None else [z, blocks.as_int8(mask)]
+  rows = [*_columns(consts.astype(jnp.float32)), thresholds.astype(jnp.float32)]
+  dtypes = [jnp.int32, jnp.float32] + ([jnp.int32, jnp.float32, jnp.float32] if mask is not None
+                                       else [])
+  outs = blocks.stream(functools.partial(_step, score=score), tiles, rows,
+                       [(n, d, 0) for d in dtypes], variant=variant, block_rows=block_rows,
+                       block_vocab=block_vocab, interpret=interpret)
   return ThresholdStats(*outs, *([None] * (5 - len(outs))))
 
 
@@ -118,7 +106,7 @@ def threshold_stats(z: jax.Array, mask: jax.Array | None, consts: jax.Array,
 def threshold_stats_reference(z: jax.Array, mask: jax.Array | None, consts: jax.Array,
                               thresholds: jax.Array, *, score: str = "logit") -> ThresholdStats:
   """The same sums in plain jnp: one masked reduction over the whole row per threshold."""
-  a, x, p = scores(z, consts, mask, score)
+  a, x, p = scores(z, _columns(consts.astype(jnp.float32)), mask, score)
   alive = a > -jnp.inf
 
   def at(theta):  # [B] threshold -> sums over the kept tokens

@@ -17,11 +17,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from kernels import blocks
-
-T, TOP, TOTAL = range(3)
 
 
 class RankCounts(NamedTuple):
@@ -32,49 +29,43 @@ class RankCounts(NamedTuple):
 
 
 def _probs(z, consts):
-  col = lambda k: consts[:, k:k + 1]
-  return jnp.exp((z - col(TOP)) / col(T)) / col(TOTAL)
+  t, top, total = consts  # [rows, 1] each
+  return jnp.exp((z - top) / t) / total
 
 
-def _kernel(z_ref, c_ref, s_ref, gt_ref, eq_ref, gtm_ref, eqm_ref, *, vocab, bv):
-  outs = (gt_ref, eq_ref, gtm_ref, eqm_ref)
+def _columns(consts):
+  return tuple(consts[:, k:k + 1] for k in range(3))
 
-  @pl.when(blocks.first_step())
-  def _init():
-    for r in outs:
-      r[...] = jnp.zeros(r.shape, r.dtype)
 
-  inside = blocks.in_bounds(z_ref.shape, vocab, bv)[:, None, :]
-  z = z_ref[...].astype(jnp.float32)
-  p = jnp.where(inside[:, 0, :], _probs(z, c_ref[...]), 0.0)[:, None, :]
-  s = s_ref[...][:, :, None]
+def _step(acc, tiles, rows, inside):
+  """Adds one block's tokens above and tied with every slot, and their mass."""
+  *consts, s = rows
+  z = tiles[0].astype(jnp.float32)
+  p = jnp.where(inside, _probs(z, consts), 0.0)[:, None, :]
+  s = s[:, :, None]
+  inside = inside[:, None, :]
   above = inside & (z[:, None, :] > s)   # [rows, C, bv]
   tied = inside & (z[:, None, :] == s)
-  gt_ref[...] += jnp.sum(above.astype(jnp.int32), axis=-1)
-  eq_ref[...] += jnp.sum(tied.astype(jnp.int32), axis=-1)
-  gtm_ref[...] += jnp.sum(jnp.where(above, p, 0.0), axis=-1)
-  eqm_ref[...] += jnp.sum(jnp.where(tied, p, 0.0), axis=-1)
+  new = (jnp.sum(above.astype(jnp.int32), axis=-1), jnp.sum(tied.astype(jnp.int32), axis=-1),
+         jnp.sum(jnp.where(above, p, 0.0), axis=-1), jnp.sum(jnp.where(tied, p, 0.0), axis=-1))
+  return tuple(old + inc for old, inc in zip(acc, new))
 
 
-@functools.partial(jax.jit, static_argnames=("block_rows", "block_vocab", "interpret"))
+@functools.partial(jax.jit, static_argnames=("variant", "block_rows", "block_vocab", "interpret"))
 def valid_rank_counts(z: jax.Array, slots: jax.Array, consts: jax.Array, *,
-                      block_rows: int = blocks.ROWS, block_vocab: int = 256,
-                      interpret: bool = False) -> RankCounts:
+                      variant: str = "grid", block_rows: int | None = None,
+                      block_vocab: int = 256, interpret: bool = False) -> RankCounts:
   """Counts and masses of ``z [B, V]`` (float32/bfloat16) above and at ``slots [B, C]``.
 
-  ``consts``: float32 ``[B, 3]`` = (T, top, total) per row (module doc).
+  ``consts``: float32 ``[B, 3]`` = (T, top, total) per row (module doc); ``variant``,
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
   """
-  batch, vocab = z.shape
   n = slots.shape[-1]
-  bb, bv = blocks.block_rows(batch, block_rows), blocks.block_vocab(vocab, block_vocab)
-  dtypes = (jnp.int32, jnp.int32, jnp.float32, jnp.float32)
-  outs = pl.pallas_call(
-      functools.partial(_kernel, vocab=vocab, bv=bv),
-      grid=blocks.grid(batch, vocab, bb, bv),
-      in_specs=[blocks.tile_spec(bb, bv), blocks.row_spec(bb, 3), blocks.row_spec(bb, n)],
-      out_specs=[blocks.row_spec(bb, n)] * 4,
-      out_shape=[jax.ShapeDtypeStruct((batch, n), d) for d in dtypes],
-      interpret=interpret)(z, consts.astype(jnp.float32), slots.astype(jnp.float32))
+  rows = [*_columns(consts.astype(jnp.float32)), slots.astype(jnp.float32)]
+  outs = blocks.stream(_step, [z], rows,
+                       [(n, d, 0) for d in (jnp.int32, jnp.int32, jnp.float32, jnp.float32)],
+                       variant=variant, block_rows=block_rows, block_vocab=block_vocab,
+                       interpret=interpret)
   return RankCounts(*outs)
 
 
@@ -82,7 +73,7 @@ def valid_rank_counts(z: jax.Array, slots: jax.Array, consts: jax.Array, *,
 def valid_rank_counts_reference(z: jax.Array, slots: jax.Array, consts: jax.Array) -> RankCounts:
   """The same counts in plain jnp: one masked reduction over the whole row per slot."""
   z = z.astype(jnp.float32)
-  p = _probs(z, consts)
+  p = _probs(z, _columns(consts.astype(jnp.float32)))
 
   def at(s):  # [B] one slot of every row
     above, tied = z > s[:, None], z == s[:, None]

@@ -45,3 +45,37 @@ def test_truncation_report_without_peer():
         r["calibjax_sweep32_ms"] / r["calibjax_nokeep_ms"])
     assert len(r["sweep_values"]) == 32 and "peer_ms" not in r
   assert row["peer"] == {"available": False, "how": benchmarking.PEER_HOW}
+
+
+def test_kernel_report_on_cpu_checks_parity_and_takes_no_kernel_times():
+  cfg = benchmarking.KernelBenchmarkConfig(shape=(6, 1500), dtypes=("float32", "bfloat16"),
+                                           n_valid=7, thresholds=5, slots=8, repeats=1,
+                                           parity_rows=4)
+  report = benchmarking.run_kernel_benchmark(cfg, log=lambda *_: None)
+  assert report["kernels_timed"] is False and report["variant"] == "grid"
+  assert "interpret mode is not performance" in report["note"]
+  for dtype, row in report["dtypes"].items():
+    assert row["copy_bandwidth_gb_s"] > 0
+    assert set(row["ops"]) == {"row_stats", "threshold_stats", "valid_rank_counts"}
+    for name, r in row["ops"].items():
+      assert "kernel_ms" not in r and "read_fraction" not in r, name
+      parity = r["parity_vs_reference"]
+      assert all(v == 0 for k, v in parity.items() if k.endswith("differing")), (dtype, name)
+      assert max(v for k, v in parity.items() if k.endswith("max_abs_diff")) < 1e-5
+    assert row["ops"]["row_stats"]["xla_ms"] > 0 and "xla_ms" not in row["ops"][
+        "valid_rank_counts"]
+  assert "row_stats" in benchmarking.format_kernel_table(report)
+
+
+def test_kernel_report_xla_path_computes_the_kernels_numbers():
+  """The timed XLA path of threshold statistics gives the reference's numbers."""
+  import kernels
+  x = benchmarking._kernel_inputs(benchmarking.KernelBenchmarkConfig(
+      shape=(5, 900), dtypes=("float32",), n_valid=6, thresholds=7), "float32")
+  xla = benchmarking._threshold_stats_xla(x["z"], x["m"], x["consts6"], x["thresholds"])
+  ref = kernels.threshold_stats_reference(x["z"], x["m"], x["consts6"], x["thresholds"])
+  counts = np.asarray(ref.count)
+  assert counts.min() < counts.max()  # the thresholds cut inside the rows
+  for got, want in zip(xla, ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float32), rtol=1e-5,
+                               atol=1e-6)

@@ -1,5 +1,8 @@
-"""Pallas kernels (interpret mode on CPU): parity with their references and with float64 NumPy,
-TPU lowering, and the public functions giving the same numbers with implementation="pallas"."""
+"""Pallas kernels (interpret mode on CPU), both variants: parity with their references and with
+float64 NumPy, TPU and GPU lowering, and the public functions giving the same numbers with
+implementation="pallas"."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,8 @@ from calibjax import dispatch, errors
 from tests.arrays import random_case
 
 TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-6}  # inputs are upcast exactly: same tolerance
+# the TPU variant at its default blocks; the GPU one with ragged row blocks (4 rows)
+VARIANTS = {"grid": {}, "loop": {"variant": "loop", "block_rows": 4}}
 
 
 def _case(rng, batch, vocab, dtype=jnp.float32):
@@ -52,13 +57,15 @@ def _close(got, want, tol, what):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("batch,vocab", [(40, 32001), (8, 262144)])
-def test_row_stats_matches_reference_and_float64(dtype, batch, vocab):
+@pytest.mark.parametrize("batch,vocab", [(39, 32001), (8, 262144)])
+def test_row_stats_matches_reference_and_float64(variant, dtype, batch, vocab):
   rng = np.random.default_rng(vocab + batch)
   z, m, t = _case(rng, batch, vocab, dtype)
   zd = jnp.asarray(z, dtype)
-  got = kernels.row_stats(zd, m, t, interpret=True)
+  kw = VARIANTS[variant]
+  got = kernels.row_stats(zd, m, t, interpret=True, **kw)
   ref = kernels.row_stats_reference(zd, m, t)
   truth = _row_stats_f64(z, m, t)
   for name, g, r, want in zip(got._fields, got, ref, truth):
@@ -67,7 +74,7 @@ def test_row_stats_matches_reference_and_float64(dtype, batch, vocab):
   assert np.isnan(got.valid_entropy[1]) and got.valid_mass[1] == 0  # no valid token
   assert got.valid_mass[2] == pytest.approx(1.0, abs=1e-6)          # all valid
   assert got.logsumexp[3] == -np.inf and np.isnan(got.entropy[3])   # no finite logit
-  bare = kernels.row_stats(zd, None, t, interpret=True)
+  bare = kernels.row_stats(zd, None, t, interpret=True, **kw)
   assert bare.valid_mass is None
   np.testing.assert_array_equal(bare.logsumexp, got.logsumexp)
 
@@ -83,9 +90,10 @@ def _consts(z, t, score):
   return np.stack([t, top, total, *c], axis=1).astype(np.float32), a
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("score", kernels.SCORES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_threshold_stats_matches_reference(score, dtype):
+def test_threshold_stats_matches_reference(variant, score, dtype):
   rng = np.random.default_rng(7)
   z, m, t = _case(rng, 36, 32001, dtype)
   consts, a = _consts(z, t, score)
@@ -97,7 +105,8 @@ def test_threshold_stats_matches_reference(score, dtype):
   if score == "valid_or_top":
     th[:, 3:6] = [0.5, 1.0, 1.5]
   zd = jnp.asarray(z, dtype)
-  got = kernels.threshold_stats(zd, m, consts, th, score=score, interpret=True)
+  got = kernels.threshold_stats(zd, m, consts, th, score=score, interpret=True,
+                                **VARIANTS[variant])
   ref = kernels.threshold_stats_reference(zd, m, consts, th, score=score)
   for name, g, r in zip(got._fields, got, ref):
     if name.endswith("count"):
@@ -110,12 +119,13 @@ def test_threshold_stats_matches_reference(score, dtype):
   assert ref0.count.shape == (36, 1)
 
 
-def test_threshold_stats_full_vocabulary_and_no_mask():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_threshold_stats_full_vocabulary_and_no_mask(variant):
   rng = np.random.default_rng(8)
   z, m, t = _case(rng, 8, 262144)
   consts, a = _consts(z, t, "logit")
   th = np.sort(rng.normal(size=(8, 32)).astype(np.float32) * 4, axis=1)
-  got = kernels.threshold_stats(z, None, consts, th, interpret=True)
+  got = kernels.threshold_stats(z, None, consts, th, interpret=True, **VARIANTS[variant])
   ref = kernels.threshold_stats_reference(z, None, consts, th)
   np.testing.assert_array_equal(got.count, ref.count)
   _close(got.mass, ref.mass, 2e-6, "mass")
@@ -125,9 +135,10 @@ def test_threshold_stats_full_vocabulary_and_no_mask():
   np.testing.assert_array_equal(got.count, want)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("batch,vocab", [(33, 32001), (8, 262144)])
-def test_valid_rank_counts_matches_reference_and_numpy(dtype, batch, vocab):
+def test_valid_rank_counts_matches_reference_and_numpy(variant, dtype, batch, vocab):
   rng = np.random.default_rng(9)
   z, m = random_case(rng, batch, vocab, n_valid=20, ties=True, neg_inf=0.05)
   z = np.array(jnp.asarray(z, dtype).astype(jnp.float32))
@@ -138,7 +149,8 @@ def test_valid_rank_counts_matches_reference_and_numpy(dtype, batch, vocab):
   with np.errstate(invalid="ignore"):
     total = np.sum(np.exp((z - top[:, None]) / t[:, None]), axis=1)
   consts = np.stack([t, top, total], axis=1)
-  got = kernels.valid_rank_counts(jnp.asarray(z, dtype), slots, consts, interpret=True)
+  got = kernels.valid_rank_counts(jnp.asarray(z, dtype), slots, consts, interpret=True,
+                                  **VARIANTS[variant])
   ref = kernels.valid_rank_counts_reference(jnp.asarray(z, dtype), slots, consts)
   np.testing.assert_array_equal(got.gt, ref.gt)
   np.testing.assert_array_equal(got.eq, ref.eq)
@@ -152,21 +164,41 @@ def test_valid_rank_counts_matches_reference_and_numpy(dtype, batch, vocab):
   assert np.all(got.gt[:, -1][~np.isfinite(slots[:, -1])] == 0)  # +inf padding slots
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernels_lower_for_tpu(dtype):
-  """Mosaic lowering of every kernel at the realistic shape, on this CPU machine."""
-  b, v = 256, 262144
+def _realistic_ops(dtype, b=256, v=262144):
+  """Every kernel with abstract arguments at [256, 262144], 32 thresholds, 64 slots."""
   z = jax.ShapeDtypeStruct((b, v), dtype)
   mask = jax.ShapeDtypeStruct((b, v), jnp.bool_)
   row = lambda n: jax.ShapeDtypeStruct((b, n), jnp.float32)
-  ops = {
+  return {
       "row_stats": (kernels.row_stats, (z, mask, jax.ShapeDtypeStruct((b,), jnp.float32))),
       "threshold_stats": (kernels.threshold_stats, (z, mask, row(6), row(32))),
       "valid_rank_counts": (kernels.valid_rank_counts, (z, row(64), row(3))),
   }
-  for name, (op, args) in ops.items():
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_for_tpu(dtype):
+  """Mosaic lowering of every kernel (grid variant) at the realistic shape, on this CPU."""
+  for name, (op, args) in _realistic_ops(dtype).items():
     exported = jax.export.export(jax.jit(op), platforms=["tpu"])(*args)
     assert "tpu_custom_call" in exported.mlir_module(), name
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_lower_for_gpu(dtype):
+  """Triton lowering of every kernel (loop variant) for an H200 at the realistic shape, on
+  this CPU (an abstract device stands in for the GPU)."""
+  from jax._src.mesh import AbstractDevice  # no public constructor yet (jax 0.12)
+  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+      device_kind="NVIDIA H200", num_cores=None, platform="gpu"))
+  triton = "__gpu$xla.gpu.triton"
+  with jax.sharding.use_abstract_mesh(h200):
+    for name, (op, args) in _realistic_ops(dtype).items():
+      loop = functools.partial(op, variant="loop")
+      exported = jax.export.export(jax.jit(loop), platforms=["cuda"], disabled_checks=[
+          jax.export.DisabledSafetyCheck.custom_call(triton)])(*args)
+      assert exported.mlir_module().count(triton) == 1, name
 
 
 # --- the public functions: "xla" and "pallas" give the same numbers -------------------------
@@ -186,13 +218,20 @@ def _same(a, b, what):
     _close(y, x, 3e-6, f"{what}.{f}")
 
 
+@pytest.fixture(params=list(VARIANTS))
+def kernel_variant(request, monkeypatch):
+  """The public functions' "pallas" path with each kernel variant (the GPU one interpreted)."""
+  monkeypatch.setitem(dispatch.VARIANT, "cpu", request.param)
+  return request.param
+
+
 SWEEPS = {"top_k": [1, 3, 40], "top_p": [0.3, 0.9, 1.0], "min_p": [0.0, 0.05, 1.0],
           "typical": [0.2, 0.95, 1.0], "epsilon": [1e-5, 3e-4], "eta": [1e-5, 3e-4],
           "top_n_sigma": [0.5, 1.5, 3.0]}
 
 
 @pytest.mark.parametrize("rule", list(SWEEPS) + ["oracle_set"])
-def test_truncate_same_with_pallas(rule):
+def test_truncate_same_with_pallas(rule, kernel_variant):
   rng = np.random.default_rng(11)
   z, m = random_case(rng, 6, 3001, n_valid=25, ties=rule == "top_k", neg_inf=0.02)
   z = z.reshape(2, 3, -1)
@@ -208,7 +247,7 @@ def test_truncate_same_with_pallas(rule):
       _same(a, b, f"{rule}({p})")
 
 
-def test_order_and_oracle_same_with_pallas():
+def test_order_and_oracle_same_with_pallas(kernel_variant):
   rng = np.random.default_rng(12)
   z, m = random_case(rng, 12, 4001, n_valid=30, ties=True, neg_inf=0.02)
   m[0] = False
@@ -227,7 +266,7 @@ def test_order_and_oracle_same_with_pallas():
     _same(a, b, f"oracle[{objective}]")
 
 
-def test_row_stats_public_same_and_exact():
+def test_row_stats_public_same_and_exact(kernel_variant):
   rng = np.random.default_rng(13)
   z, m, t = _case(rng, 6, 5001)
   a = cj.row_stats(z.reshape(2, 3, -1), m.reshape(2, 3, -1), temperature=t.reshape(2, 3))
@@ -257,3 +296,19 @@ def test_block_shapes_are_checked():
     kernels.row_stats(jnp.zeros((8, 1024)), None, jnp.ones(8), block_vocab=100, interpret=True)
   with pytest.raises(ValueError, match="multiple of 8"):
     kernels.row_stats(jnp.zeros((64, 1024)), None, jnp.ones(64), block_rows=12, interpret=True)
+  with pytest.raises(ValueError, match="power of 2"):
+    kernels.row_stats(jnp.zeros((8, 1024)), None, jnp.ones(8), variant="loop", block_vocab=384,
+                      interpret=True)
+  with pytest.raises(ValueError, match="power of 2"):
+    kernels.valid_rank_counts(jnp.zeros((8, 1024)), jnp.zeros((8, 2)), jnp.ones((8, 3)),
+                              variant="loop", block_rows=3, interpret=True)
+  with pytest.raises(ValueError, match="variant must be one of"):
+    kernels.row_stats(jnp.zeros((8, 1024)), None, jnp.ones(8), variant="warp", interpret=True)
+
+
+def test_grid_variant_is_refused_on_gpu(monkeypatch):
+  """Its accumulation relies on the vocabulary blocks running in order, which a GPU grid does
+  not guarantee: compiled on a GPU it would race."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match="races on GPU"):
+    kernels.row_stats(jnp.zeros((8, 1280)), None, jnp.ones(8))
