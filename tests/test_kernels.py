@@ -189,8 +189,7 @@ def test_kernels_lower_for_tpu(dtype):
 def test_kernels_lower_for_gpu(dtype):
   """Triton lowering of every kernel (loop variant) for an H200 at the realistic shape, on
   this CPU (an abstract device stands in for the GPU)."""
-  from jax._src.mesh import AbstractDevice  # no public constructor yet (jax 0.12)
-  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+  h200 = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
       device_kind="NVIDIA H200", num_cores=None, platform="gpu"))
   triton = "__gpu$xla.gpu.triton"
   with jax.sharding.use_abstract_mesh(h200):
