@@ -13,14 +13,16 @@ End of sequence is decided from the text, outside the regex: EOS is valid after 
 answer when the task allows it (``end_of_sequence``), and after a terminator.
 
 Index construction grows with the answer set (seconds for hundreds of answers), so indexes
-are cached on disk per task × vocabulary (pickled ``outlines_core.Index``).
+are cached on disk per task × vocabulary: the index's own binary serialisation
+(``Index.from_binary``, plain data that cannot run code, never a pickle) behind its SHA-256.
+A cache file that does not match its digest is reported on stderr and rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
+import sys
 
 import numpy as np
 
@@ -62,6 +64,33 @@ def token_bytes(vocab: list[str], types) -> list[bytes | None]:
   return out
 
 
+def _write_index(path: str, index) -> None:
+  """``sha256(data) + data``, ``data`` the index's binary form, written atomically."""
+  constructor, (data,) = index.__reduce__()  # (Index.from_binary, (bytes,))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(hashlib.sha256(data).digest() + data)
+  os.replace(tmp, path)
+
+
+def _read_index(path: str):
+  """The cached index, or None (reported on stderr) when the file fails its digest."""
+  from outlines_core import Index
+  with open(path, "rb") as f:
+    blob = f.read()
+  digest, data = blob[:32], blob[32:]
+  if hashlib.sha256(data).digest() == digest:
+    try:
+      return Index.from_binary(data)
+    except Exception as e:  # a digest-valid file of another outlines-core version
+      reason = f"unreadable ({type(e).__name__})"
+  else:
+    reason = "checksum mismatch (corrupt)"
+  print(f"calibjax: rebuilding the validity index {path}: {reason}.", file=sys.stderr)
+  return None
+
+
 class ValidityIndex:
   """Valid next tokens of one task at any state of its decoding.
 
@@ -83,13 +112,7 @@ class ValidityIndex:
     self.regex = task_regex(task)
     key = hashlib.sha256(repr((self.regex, sorted(table.items()), eos_id)).encode()).hexdigest()
     path = os.path.join(cache_dir, f"{task.name}-{key[:16]}.index") if cache_dir else None
-    index = None
-    if path and os.path.exists(path):
-      try:
-        with open(path, "rb") as f:
-          index = pickle.load(f)
-      except Exception:  # a damaged cache file is rebuilt
-        index = None
+    index = _read_index(path) if path and os.path.exists(path) else None
     if index is None:
       try:
         index = Index(self.regex, Vocabulary(eos_id, table))
@@ -97,11 +120,7 @@ class ValidityIndex:
         raise errors.TaskError(f"{task.source}: the task's language {self.regex!r:.200} cannot "
                                f"be compiled against the vocabulary ({e}).") from e
       if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-          pickle.dump(index, f)
-        os.replace(tmp, path)
+        _write_index(path, index)
     self._index = index
     self._final = set(index.get_final_states())
     self.initial_state = index.get_initial_state()

@@ -94,3 +94,34 @@ def test_regex_escapes_and_terminator_required():
                        "answers": ["a+b", "(c)", "1", "10"]})
   r = validity.task_regex(t)
   assert r == r"( |)(a\+b|\(c\)|10|1)(" + "\n" + r"|\.|,)"  # longest first, stable
+
+
+def test_index_cache_is_plain_data_checked_by_its_digest(tmp_path, capsys):
+  """The cached index is the index's binary form behind its SHA-256 (never a pickle): a
+  damaged or planted file is reported and rebuilt, and a pickle placed there never runs."""
+  import os
+  import pickle
+  from tests.models import tiny
+  task = tasks.load("coin_flip")
+  build = lambda: validity.ValidityIndex(task, tiny.TOKENS, tiny.TYPES, 1, cache_dir=str(tmp_path))
+  masks = lambda idx: np.stack([idx.mask(idx.initial_state, b"")] + [
+      idx.mask(s, b"") for s in [idx.advance(idx.initial_state, 4 + ord(" "))] if s is not None])
+  first = build()
+  (name,) = os.listdir(tmp_path)
+  path = tmp_path / name
+  assert not path.read_bytes().startswith(b"\x80")  # pickle's protocol marker
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert capsys.readouterr().err == ""
+  blob = bytearray(path.read_bytes())
+  blob[-1] ^= 0x01  # one flipped bit
+  path.write_bytes(bytes(blob))
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert "checksum mismatch" in capsys.readouterr().err
+
+  class Planted:
+    def __reduce__(self):
+      return (os.mkdir, (str(tmp_path / "code-ran"),))
+  path.write_bytes(pickle.dumps(Planted()))
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert not (tmp_path / "code-ran").exists()
+  assert "rebuilding the validity index" in capsys.readouterr().err

@@ -2,9 +2,11 @@
 
 A cache entry is a folder holding ``state/`` (an Orbax ``StandardCheckpointer`` save of an
 NNX state), any number of small side files (JSON, bytes), and ``COMPLETE`` — written last,
-holding the SHA-256 of every side file. An entry without ``COMPLETE``, with a side file that
-does not match it, or whose state Orbax cannot restore into the expected shapes is reported
-by :class:`calibjax.errors.CheckpointError`; callers rebuild it, never use it.
+holding the SHA-256 of every side file and of every file Orbax wrote under ``state/``. An
+entry without ``COMPLETE``, with a file that is missing, extra or does not match its digest
+(one flipped bit in a tensor's data file included), or whose state Orbax cannot restore into
+the expected shapes is reported by :class:`calibjax.errors.CheckpointError`; callers rebuild
+it, never use it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,21 @@ def _sha(data: bytes) -> str:
   return hashlib.sha256(data).hexdigest()
 
 
+def _state_digests(folder: str) -> dict[str, str]:
+  """SHA-256 of every file under ``folder/state``, keyed by its path relative to ``folder``."""
+  out = {}
+  root = os.path.join(folder, "state")
+  for parent, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(parent, name)
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+          digest.update(chunk)
+      out[os.path.relpath(path, folder)] = digest.hexdigest()
+  return out
+
+
 def save(folder: str, state, files: dict[str, bytes]) -> None:
   """Writes ``state`` and ``files`` into ``folder`` (replaced if present), marker last."""
   import orbax.checkpoint as ocp
@@ -40,7 +57,8 @@ def save(folder: str, state, files: dict[str, bytes]) -> None:
       f.write(data)
   tmp = os.path.join(folder, _MARKER + ".tmp")
   with open(tmp, "w") as f:
-    json.dump({name: _sha(data) for name, data in files.items()}, f, indent=1, sort_keys=True)
+    json.dump({"files": {name: _sha(data) for name, data in files.items()},
+               "state": _state_digests(folder)}, f, indent=1, sort_keys=True)
   os.replace(tmp, os.path.join(folder, _MARKER))
 
 
@@ -70,13 +88,21 @@ def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
     with open(marker) as f:
       digests = json.load(f)
     files = {}
-    for name, digest in digests.items():
+    for name, digest in digests["files"].items():
       with open(os.path.join(folder, name), "rb") as f:
         files[name] = f.read()
       if _sha(files[name]) != digest:
         raise errors.CheckpointError(f"{folder}/{name}: checksum mismatch (corrupt).")
-  except (OSError, ValueError) as e:
-    raise errors.CheckpointError(f"{folder}: unreadable side files ({e}).") from e
+    state_digests = _state_digests(folder)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    raise errors.CheckpointError(f"{folder}: unreadable side files or marker of an older "
+                                 f"format ({type(e).__name__}: {e}).") from e
+  want = digests["state"]
+  for name in sorted(set(want) | set(state_digests)):
+    if want.get(name) != state_digests.get(name):
+      what = ("missing" if name not in state_digests else "not written by the save"
+              if name not in want else "checksum mismatch (corrupt)")
+      raise errors.CheckpointError(f"{folder}/{name}: {what}.")
   try:
     abstract_state = abstract_state(files)
   except (KeyError, ValueError, TypeError) as e:

@@ -43,7 +43,7 @@ def test_cold_then_warm_load(gguf_file, tmp_path, monkeypatch):
   assert warm.tokenizer.encode("ab a") == lm.tokenizer.encode("ab a")
 
 
-@pytest.mark.parametrize("damage", ["marker", "side_file", "state"])
+@pytest.mark.parametrize("damage", ["marker", "side_file", "state", "bit_flip"])
 def test_partial_or_corrupt_cache_is_rebuilt(gguf_file, tmp_path, capsys, damage):
   path, m = gguf_file
   cache = str(tmp_path / "cache")
@@ -55,13 +55,22 @@ def test_partial_or_corrupt_cache_is_rebuilt(gguf_file, tmp_path, capsys, damage
   elif damage == "side_file":
     with open(os.path.join(folder, "config.json"), "a") as f:
       f.write(" ")
-  else:  # truncate the largest file of the Orbax state
+  else:  # the largest file of the Orbax state: truncated, or one bit flipped (same size)
     files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "state")) for f in fs]
     biggest = max(files, key=os.path.getsize)
     with open(biggest, "r+b") as f:
-      f.truncate(os.path.getsize(biggest) // 2)
+      if damage == "state":
+        f.truncate(os.path.getsize(biggest) // 2)
+      else:
+        f.seek(os.path.getsize(biggest) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
   lm = models.load(path, cache_dir=cache, progress=False)
-  assert "rebuilding the cache" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "rebuilding the cache" in err
+  if damage in ("state", "bit_flip"):  # found by its digest, before Orbax reads anything
+    assert f"{os.path.relpath(biggest, folder)}: checksum mismatch" in err
   np.testing.assert_allclose(np.asarray(lm.logits(IDS)), reference_logits(m, IDS), atol=2e-5)
   checkpoint.load(folder, lambda files: models._abstract(m.cfg)[1])  # healthy again
 
