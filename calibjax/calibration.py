@@ -73,7 +73,7 @@ def _log_bin(log_p, n_bins, p_min):
 
 
 def _prepare(logits, labels, temperature):
-  z = inputs.as_logits(logits)
+  z, _ = inputs.prepare(logits, temperature=temperature)
   y = jnp.asarray(labels)
   if not jnp.issubdtype(y.dtype, jnp.integer):
     raise errors.InputError(f"labels must be integer token ids, got dtype {y.dtype}.")
@@ -86,7 +86,6 @@ def _prepare(logits, labels, temperature):
       pos = tuple(int(i) for i in bad[0])
       raise errors.InputError(f"labels must lie in [0, V={z.shape[-1]}); position {pos} has "
                               f"{int(np.asarray(y)[pos])} ({len(bad)} bad positions).")
-  inputs.check_temperature(temperature)
   return (z.reshape(-1, z.shape[-1]), y.reshape(-1).astype(jnp.int32),
           jnp.asarray(temperature, jnp.float32))
 
@@ -256,14 +255,13 @@ def distributional_calibration(logits: ArrayLike, target: ArrayLike, *, n_bins: 
     (0.0, 0.0)
   """
   _check_bins(n_bins, p_min)
-  z = inputs.as_logits(logits)
+  z, _ = inputs.prepare(logits, temperature=temperature)
   w = inputs.as_weights(target, z.shape)
   if not isinstance(w, jax.core.Tracer):
     bad = np.argwhere(~np.all(np.asarray(w) >= 0, axis=-1) | ~(np.asarray(w).sum(-1) > 0))
     if bad.size:
       raise errors.InputError(f"target rows must be non-negative with positive sum; row "
                               f"{tuple(int(i) for i in bad[0])} is not.")
-  inputs.check_temperature(temperature)
   vocab = z.shape[-1]
   out = _distributional(z.reshape(-1, vocab), w.reshape(-1, vocab),
                         jnp.asarray(temperature, jnp.float32), int(n_bins), float(p_min))

@@ -9,7 +9,8 @@ valid token ids with the target weights over them (:class:`Positions`).
 batches drawn in a fixed order from ``seed`` and the epoch, evaluates every ``eval_every``
 steps, appends metrics to ``metrics.jsonl``, and saves ``(params, optimiser state)`` every
 ``checkpoint_every`` steps through the one checkpoint module, keeping ``max_to_keep``. With
-``resume`` it restarts from the newest complete checkpoint and, the data order and keys being
+``resume`` it restarts from the newest intact checkpoint (a partial or corrupt newer one, e.g.
+from a run killed inside a save, is skipped and named in the log) and, the data order and keys being
 functions of the step, reproduces the losses an uninterrupted run would have had.
 """
 
@@ -114,7 +115,7 @@ def train(head: nnx.Module, embed, train_data: Positions, keep_data: Positions |
   ``eval_every``) and ``out_dir/checkpoints/step_N``. Returns the metric records.
 
   Raises:
-    CheckpointError: ``resume`` found only damaged checkpoints.
+    CheckpointError: ``resume`` found checkpoints, but none intact.
   """
   graph, params = nnx.split(head, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup, 1),
@@ -126,10 +127,21 @@ def train(head: nnx.Module, embed, train_data: Positions, keep_data: Positions |
   metrics_path = os.path.join(out_dir, "metrics.jsonl")
   records, start = [], 0
   if resume and _checkpoints(ckpt_dir):
-    start = _checkpoints(ckpt_dir)[-1]
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, opt_state))
-    (params, opt_state), _ = checkpoint.load(os.path.join(ckpt_dir, f"step_{start}"),
-                                             lambda files: abstract)
+    damaged = []
+    for start in reversed(_checkpoints(ckpt_dir)):  # newest intact one
+      try:
+        (params, opt_state), _ = checkpoint.load(os.path.join(ckpt_dir, f"step_{start}"),
+                                                 lambda files: abstract)
+        break
+      except errors.CheckpointError as e:
+        damaged.append(str(e))
+    else:
+      raise errors.CheckpointError(f"{ckpt_dir}: no intact checkpoint to resume from: "
+                                   + " ".join(damaged))
+    if damaged:
+      log(f"resuming from step {start}, the newest intact checkpoint; skipped: "
+          + " ".join(damaged))
     with open(metrics_path) as f:
       records = [r for r in map(json.loads, f) if r["step"] <= start]
   elif os.path.exists(metrics_path) or _checkpoints(ckpt_dir):

@@ -69,6 +69,26 @@ def check_temperature(temperature, name: str = "temperature") -> None:
     raise errors.InputError(f"{name} must be finite and > 0, got {t.ravel()[:8].tolist()}.")
 
 
+def prepare(logits: ArrayLike, valid_mask: ArrayLike | None = None, *,
+            temperature: ArrayLike | None = None, mask_required: bool = False,
+            temperature_name: str = "temperature") -> tuple[jax.Array, jax.Array | None]:
+  """The one entry check of the array core's public functions: float32 logits
+  (:func:`as_logits`), the valid mask broadcast to them (:func:`as_mask`; None when absent and
+  not ``mask_required``) and a temperature (or grid) that is finite and > 0
+  (:func:`check_temperature`) when one is given.
+
+  Raises:
+    InputError / ShapeMismatchError: the problem and the shapes or values involved.
+  """
+  z = as_logits(logits)
+  if valid_mask is None and mask_required:
+    raise errors.InputError("valid_mask is required here (bool [..., V], True = valid).")
+  m = None if valid_mask is None else as_mask(valid_mask, z.shape)
+  if temperature is not None:
+    check_temperature(temperature, temperature_name)
+  return z, m
+
+
 def row_finite(z: jax.Array) -> jax.Array:
   """Per-row flag ``[...]``: no NaN, no +inf, and at least one logit above -inf.
 

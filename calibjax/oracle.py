@@ -111,9 +111,7 @@ def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "va
   """
   if objective not in OBJECTIVES:
     raise errors.InputError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-  inputs.check_temperature(temperature)
-  z = inputs.as_logits(logits)
-  m = inputs.as_mask(valid_mask, z.shape)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperature, mask_required=True)
   return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective,
                  dispatch.resolve(implementation))
 
@@ -165,7 +163,7 @@ def oracle_gap(logits: ArrayLike, valid_mask: ArrayLike, rule: str, values, *,
     raise errors.InputError("oracle_gap: no position has both valid and invalid tokens.")
   flat = lambda x: np.asarray(x, np.float64).reshape(len(np.asarray(tr.recall)), -1)[:, rows]
   recall, validity, precision = flat(tr.recall), flat(tr.validity), flat(tr.precision)
-  n_valid = flat(tr.kept_valid / tr.recall)
+  n_valid = flat(tr.n_valid)
   f1 = 2 * flat(tr.kept_valid) / (flat(tr.kept_count) + n_valid)
   means = [x.mean(axis=1) for x in (recall, validity, precision, f1)]
   if objective == "f1":

@@ -60,8 +60,7 @@ def _prepare(logits, valid_mask, max_valid, method):
   """Normalised logits and mask, and the slot capacity."""
   if method not in METHODS:
     raise errors.InputError(f"method must be one of {METHODS}, got {method!r}.")
-  z = inputs.as_logits(logits)
-  m = inputs.as_mask(valid_mask, z.shape)
+  z, m = inputs.prepare(logits, valid_mask, mask_required=True)
   return z, m, inputs.capacity(m, max_valid)
 
 
@@ -244,8 +243,7 @@ def cutoff_curve(logits: ArrayLike, valid_mask: ArrayLike, cutoffs: ArrayLike,
     >>> c.precision.tolist(), c.recall.tolist()
     ([1.0, 0.5, 0.6666666865348816], [0.5, 0.5, 1.0])
   """
-  z = inputs.as_logits(logits)
-  m = inputs.as_mask(valid_mask, z.shape)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperature, mask_required=True)
   vocab = z.shape[-1]
   r = jnp.asarray(cutoffs)
   if r.ndim < 1 or not jnp.issubdtype(r.dtype, jnp.integer):

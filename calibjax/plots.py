@@ -117,6 +117,12 @@ def heads_figure(report: dict):
   return fig
 
 
+def available() -> bool:
+  """Whether matplotlib (the ``plots`` extra) is installed."""
+  import importlib.util
+  return importlib.util.find_spec("matplotlib") is not None
+
+
 def save(fig, path: str) -> str:
   """Writes ``fig`` as a PNG to ``path`` atomically (process 0 only); returns ``path``."""
   if not results.is_writer():

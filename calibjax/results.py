@@ -94,23 +94,108 @@ def write_manifest(out_dir: str, flags: dict, started: float, **extra) -> str:
       "flags": flags, "started": iso(started), "wall_s": time.time() - started, **extra})
 
 
+class OutputLock:
+  """One run at a time in an output folder: an exclusive ``flock`` on ``out_dir/.lock``,
+  which holds the owner's pid, host and start time for the message a second run gets.
+
+  The kernel drops the lock when its owner exits, however it dies, so a lock file left by a
+  dead process is simply taken over (and said so on stderr). Use it as a context manager, or
+  call :meth:`release`. Processes other than 0 of a multi-process run take no lock (they
+  write nothing).
+
+  Raises:
+    InputError: another live process holds the folder (its pid and host are named).
+  """
+
+  def __init__(self, out_dir: str):
+    import fcntl
+    import socket
+    import sys
+    from calibjax import errors
+    self._fd = None
+    if not is_writer():
+      return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      owner = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+      os.close(fd)
+      raise errors.InputError(f"{out_dir} is in use by another run ({owner}): wait for it to "
+                              "finish, or choose another --out.") from None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:
+      print(f"calibjax: taking over {path} from a run that is no longer running ({previous}).",
+            file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                  f"{_now_iso()}\n".encode(), 0)
+    self._fd = fd
+
+  def release(self) -> None:
+    """Empties the lock file (a clean exit leaves no owner behind) and unlocks it."""
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # closing drops the flock
+      self._fd = None
+
+  def __enter__(self) -> "OutputLock":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _now_iso() -> str:
+  import datetime
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 class ItemStore:
   """Completed work items of a run (``out_dir/items/<key>.json``, each written atomically),
   so that ``--resume`` skips them and an interrupted run (even ``kill -9``) loses nothing
   that was finished.
 
+  ``settings`` is everything that changes a result (flags, model, head, package version,
+  each task's content under ``"tasks"``), kept in ``out_dir/run.json``. A resumed run must
+  bring the same settings as the run that wrote it (tasks: the same content for every task both runs name; new tasks
+  are added), else it is refused with the differing settings named: finished items are
+  never mixed with items computed under other settings.
+
   Without ``resume``, a folder that already holds items is an error: nothing is overwritten.
   """
 
-  def __init__(self, out_dir: str, resume: bool):
+  def __init__(self, out_dir: str, resume: bool, settings: dict | None = None):
     from calibjax import errors
     self.folder = os.path.join(out_dir, "items")
     self.saved = {}  # this run's items, as they read back (processes other than 0 write none)
-    if not resume and os.path.isdir(self.folder) and any(
-        f.endswith(".json") for f in os.listdir(self.folder)):
+    has_items = os.path.isdir(self.folder) and any(
+        f.endswith(".json") for f in os.listdir(self.folder))
+    if not resume and has_items:
       raise errors.InputError(f"{out_dir} already holds results of a run: pass --resume to "
                               "continue it, or choose another --out.")
+    settings = _plain(settings or {})
+    path = os.path.join(out_dir, "run.json")
+    if resume and (has_items or os.path.exists(path)):
+      try:
+        with open(path) as f:
+          before = json.load(f)
+      except (OSError, ValueError):
+        raise errors.InputError(
+            f"{out_dir} holds results without a readable run.json (the settings they were "
+            "made with): they cannot be resumed safely; choose another --out.") from None
+      changed = _changes(before, settings)
+      if changed:
+        raise errors.InputError(
+            f"--resume: {out_dir} was made with other settings, and its results would be "
+            f"mixed with new ones: {'; '.join(changed)}. Rerun with the settings of "
+            "run.json, or choose another --out.")
+      settings = {**before, **settings, "tasks": {**before.get("tasks", {}),
+                                                  **settings.get("tasks", {})}}
     os.makedirs(self.folder, exist_ok=True)
+    write_json_atomic(path, settings)
 
   def _path(self, key: str) -> str:
     return os.path.join(self.folder, f"{key}.json")
@@ -130,3 +215,16 @@ class ItemStore:
     self.saved[key] = json.dumps(_plain(data, strings=False), sort_keys=True)
     write_text_atomic(self._path(key), self.saved[key])
     return self.load(key)
+
+
+def _changes(before: dict, now: dict) -> list[str]:
+  """``"name: old → new"`` for each setting that differs (tasks: only those in both)."""
+  out = []
+  for key in sorted(set(before) | set(now)):
+    if key == "tasks":
+      old, new = before.get(key, {}), now.get(key, {})
+      out += [f"task {t}: its content changed" for t in sorted(set(old) & set(new))
+              if old[t] != new[t]]
+    elif before.get(key) != now.get(key):
+      out.append(f"{key}: {before.get(key, '(unset)')!r} then, {now.get(key, '(unset)')!r} now")
+  return out

@@ -152,9 +152,7 @@ def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike
     >>> float(s.valid_mass), float(s.effective_valid)   # q = (2/3, 1/3)
     (0.75, 1.8898...)
   """
-  z = inputs.as_logits(logits)
-  m = inputs.as_mask(valid_mask, z.shape)
-  inputs.check_temperature(temperature)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperature, mask_required=True)
   return _shape_stats(z, m, _target_weights(target, z.shape), temperature)
 
 
@@ -200,9 +198,7 @@ def row_stats(logits: ArrayLike, valid_mask: ArrayLike | None = None, *,
     (0.75, 1.0397)
   """
   impl = dispatch.resolve(implementation)
-  z = inputs.as_logits(logits)
-  m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
-  inputs.check_temperature(temperature)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperature)
   t = jnp.asarray(temperature, jnp.float32)
   if not inputs.broadcasts_to(t.shape, z.shape[:-1]):
     raise errors.ShapeMismatchError(
@@ -277,12 +273,11 @@ def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLi
     >>> g.over.tolist()     # token 0 is over-represented (q = .75 > r = .5)
     [0.600000..., 0.335...]
   """
-  z = inputs.as_logits(logits)
-  m = inputs.as_mask(valid_mask, z.shape)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperatures, mask_required=True,
+                        temperature_name="temperatures")
   temps = jnp.asarray(temperatures, jnp.float32)
   if temps.ndim != 1:
     raise errors.InputError(f"temperatures must be a 1-D array, got shape {temps.shape}.")
-  inputs.check_temperature(temperatures, "temperatures")
   if top_m is not None and int(top_m) < 1:
     raise errors.InputError(f"top_m must be >= 1, got {top_m}.")
   w = _target_weights(target, z.shape)

@@ -31,6 +31,7 @@ terminator, a target weight for an unknown answer, a regex that does not compile
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -62,6 +63,12 @@ class Task:
   weights: tuple[float, ...]
   source: str
 
+  def fingerprint(self) -> str:
+    """SHA-256 of everything that defines the task (not where it was read from): results
+    of a run are resumed only for an unchanged task."""
+    spec = {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
   def is_answer(self, text: str) -> bool:
     """Whether ``text`` (without leading text or terminator) is a valid answer."""
     if self.answers is not None:
@@ -75,11 +82,15 @@ def _fail(source, field, what):
   raise errors.TaskError(f"{source}: field {field!r}: {what}")
 
 
-def _strings(source, field, value, allow_empty=False):
+def _strings(source, field, value, allow_empty=False, blank_items=True):
   if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
     _fail(source, field, f"must be a list of strings, got {value!r:.80}")
   if not value and not allow_empty:
     _fail(source, field, "must not be empty")
+  if not blank_items:
+    blank = [i for i, v in enumerate(value) if not v.strip()]
+    if blank:
+      _fail(source, field, f"item {blank[0]} is empty or only whitespace")
   return tuple(value)
 
 
@@ -99,8 +110,9 @@ def from_dict(raw: dict, source: str = "<dict>") -> Task:
     _fail(source, "name", f"must match [a-z0-9_]+, got {name!r}")
   if not isinstance(spec["description"], str):
     _fail(source, "description", "must be a string")
-  prompts = _strings(source, "prompts", spec["prompts"])
-  chat = _strings(source, "chat_prompts", spec["chat_prompts"], allow_empty=True)
+  prompts = _strings(source, "prompts", spec["prompts"], blank_items=False)
+  chat = _strings(source, "chat_prompts", spec["chat_prompts"], allow_empty=True,
+                  blank_items=False)
   leading = _strings(source, "leading", spec["leading"])
   terminators = _strings(source, "terminators", spec["terminators"], allow_empty=True)
   for field in ("end_of_sequence", "case_sensitive"):

@@ -128,7 +128,11 @@ class Sampler:
   def parse(cls, text: str) -> "Sampler":
     """Parses ``"top_p=0.9,t=1.5"``-style text; errors name the offending item."""
     rules, temperature = [], 1.0
-    for item in filter(None, (s.strip() for s in text.split(","))):
+    items = [s.strip() for s in text.split(",")] if text.strip() else []
+    if "" in items:
+      raise errors.InputError(f"sampler {text!r}: empty item (two commas in a row, or a comma "
+                              "at an end).")
+    for item in items:
       m = re.fullmatch(r"([a-z_]+)(?:=(.+))?", item)
       if not m:
         raise errors.InputError(f"sampler {text!r}: cannot read item {item!r}.")
@@ -173,8 +177,8 @@ class Truncation:
     threshold: the rule's cut — a probability for every rule but ``typical`` (its cut on
       ``|−log p − H|``) and ``oracle_set`` (NaN); see ``docs/semantics.md``.
     kept_count: tokens kept (float32, exact); kept_mass: their mass under ``softmax(z / T)``.
-    kept_valid / kept_invalid: valid / invalid tokens kept; precision = kept_valid /
-      kept_count; recall = kept_valid / n_valid; validity = p(kept ∩ valid) / p(kept);
+    kept_valid / kept_invalid: valid / invalid tokens kept; n_valid: valid tokens in the row
+      (kept or not); precision = kept_valid / kept_count; recall = kept_valid / n_valid; validity = p(kept ∩ valid) / p(kept);
       kept_valid_entropy: entropy of the kept valid tokens' renormalised distribution.
       (None without ``valid_mask``.)
     finite: the row has no NaN/+inf and some logit > -inf.
@@ -185,6 +189,7 @@ class Truncation:
   kept_mass: jax.Array
   kept_valid: jax.Array | None
   kept_invalid: jax.Array | None
+  n_valid: jax.Array | None
   precision: jax.Array | None
   recall: jax.Array | None
   validity: jax.Array | None
@@ -293,6 +298,7 @@ def _fields(sums, n_valid):
   if n_valid is not None:
     _, _, n_kept_valid, vmass, vplogp = sums
     out.update(kept_valid=n_kept_valid, kept_invalid=count - n_kept_valid,
+               n_valid=jnp.broadcast_to(n_valid, count.shape).astype(jnp.float32),
                precision=n_kept_valid / count, recall=n_kept_valid / n_valid,
                validity=vmass / mass, kept_valid_entropy=jnp.log(vmass) - vplogp / vmass)
   return out
@@ -402,15 +408,6 @@ def _run(z, m, t, params, row_fn, spec, keep, squeeze):
   return Truncation(**fields)
 
 
-def _normalise(logits, valid_mask, temperature, need_mask):
-  z = inputs.as_logits(logits)
-  m = None if valid_mask is None else inputs.as_mask(valid_mask, z.shape)
-  if need_mask and m is None:
-    raise errors.InputError("oracle rules need valid_mask.")
-  inputs.check_temperature(temperature)
-  return z, m
-
-
 def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = None, *,
              temperature: ArrayLike = 1.0, valid_mask: ArrayLike | None = None,
              return_keep: bool = True, implementation: str | None = None) -> Truncation:
@@ -445,7 +442,8 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
                             "truncate_chain(logits, 'oracle_rank=0.95', valid_mask=...).")
   check_param(rule, params.values if isinstance(params, Sweep) else params)
   row_fn = "pallas" if dispatch.resolve(implementation) == "pallas" else _row_truncate
-  z, m = _normalise(logits, valid_mask, temperature, rule == ORACLE_SET)
+  z, m = inputs.prepare(logits, valid_mask, temperature=temperature,
+                        mask_required=rule == ORACLE_SET)
   batch = z.shape[:-1]
   if isinstance(params, Sweep):
     values = jnp.broadcast_to(jnp.asarray(params.values, jnp.float32), batch + (len(params.values),))
@@ -479,7 +477,8 @@ def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[st
   s = (Sampler.parse(sampler) if isinstance(sampler, str) else
        sampler if isinstance(sampler, Sampler) else Sampler(tuple(sampler)))
   t = s.temperature if temperature is None else temperature
-  z, m = _normalise(logits, valid_mask, t, any(r in ORACLES for r, _ in s.rules))
+  z, m = inputs.prepare(logits, valid_mask, temperature=t,
+                        mask_required=any(r in ORACLES for r, _ in s.rules))
   if s.rules and s.rules[0][0] == ORACLE_RANK:
     from calibjax import oracle  # oracle uses this module
     o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid)

@@ -1,6 +1,7 @@
 """Flags shared by the experiment binaries, and the run scaffolding they share: loading the
 model and tasks named on the command line (with errors that list the valid choices), the
-output folder's item store (``--resume``) and manifest.
+output folder (one run at a time), its item store (``--resume``, refused when a setting that
+changes results differs), figures, the manifest, and one-line user errors.
 
 Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
 directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
@@ -11,13 +12,14 @@ directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all`
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import time
 
 import jax
 from absl import flags, logging
 
-from calibjax import errors, models, results, sharding, tasks
+from calibjax import errors, models, plots, results, sharding, tasks
 
 MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model name, .gguf file or HF directory.")
 TASK = flags.DEFINE_multi_string("task", ["us_states"],
@@ -56,21 +58,104 @@ def on_mesh(run):
   return wrapped
 
 
-class Run:
-  """One binary's run: the item store of ``--out`` and, at the end, its manifest."""
+# Flags that change where and how a run works, never its numbers: left out of the settings
+# that --resume compares (the model and head are compared by what they are, not by name).
+_OPERATIONAL = {"out", "resume", "cache_dir", "task", "model", "head", "distributed",
+                "coordinator_address", "num_processes", "process_id"}
 
-  def __init__(self, name: str):
+
+def flag_values(binaries: tuple[str, ...]) -> dict:
+  """Every flag of this module and of the binaries ``binaries`` (module names under
+  ``experiments``, e.g. ``("head_report", "frontier")``), by name — the same whether the
+  binary runs as ``python -m`` (absl then files its flags under ``sys.argv[0]``) or is
+  imported beside others (tests)."""
+  names = {f"experiments.{b}" for b in ("common",) + binaries}
+  main = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+  values = {}
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    if module in names or (module == sys.argv[0] and main in binaries):
+      values.update({f.name: f.value for f in defined})
+  return values
+
+
+class Run:
+  """One binary's run: the tasks of ``--task``, the output folder held by this run alone
+  (:class:`calibjax.results.OutputLock`), its item store for ``--resume`` keyed by every
+  setting that changes a result, and at the end its manifest. A context manager: leaving it
+  (normally or by an exception) releases the folder.
+
+  Raises:
+    InputError / TaskError / ModelLoadError: unknown task or model, a folder in use, a resume
+      with other settings (named).
+  """
+
+  def __init__(self, name: str, *, uses: tuple[str, ...] = ()):
+    """``name``: the binary (``experiments.<name>``); ``uses``: other binaries whose flags
+    it reads (they are settings of this run too)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     self.name, self.out, self.started = name, OUT.value, time.time()
-    self.items = results.ItemStore(self.out, RESUME.value)
+    self.binaries = (name,) + tuple(uses)
+    self.tasks = load_tasks()
+    settings = self.settings()
+    self.lock = results.OutputLock(self.out)
+    try:
+      self.items = results.ItemStore(self.out, RESUME.value, settings)
+    except BaseException:
+      self.lock.release()
+      raise
+
+  def settings(self) -> dict:
+    """What changes this run's results: its flags, the model and head as they are on disk,
+    the package version and each task's content."""
+    from importlib import metadata
+    from calibjax.models import checkpoint
+    head = None
+    if HEAD.value:
+      head = f"{os.path.abspath(HEAD.value)} ({checkpoint.digest(HEAD.value) or 'no head'})"
+    return {"binary": self.name,
+            **{k: v for k, v in flag_values(self.binaries).items() if k not in _OPERATIONAL},
+            "model": models.source_id(MODEL.value), "head": head,
+            "calibjax": metadata.version("calibjax"),
+            "tasks": {t.name: t.fingerprint() for t in self.tasks}}
+
+  def __enter__(self) -> "Run":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.lock.release()
 
   def finish(self, **extra) -> None:
     """Writes ``manifest.json``: every flag of the binary and of this module, and ``extra``."""
-    values = {}
-    for module, defined in flags.FLAGS.flags_by_module_dict().items():
-      if "experiments" in module or module == sys.argv[0]:
-        values.update({f.name: f.value for f in defined})
-    results.write_manifest(self.out, {"binary": self.name, **values}, self.started, **extra)
+    results.write_manifest(self.out, {"binary": self.name, **flag_values(self.binaries)},
+                           self.started, **extra)
+
+  def figure(self, draw, data, filename: str) -> str:
+    """Draws ``draw(data)`` into ``out/filename``; without matplotlib (the ``plots`` extra)
+    the figure is skipped with a message (the data files are written all the same)."""
+    path = os.path.join(self.out, filename)
+    if not plots.available():
+      print(f"calibjax: skipped {path}: matplotlib is not installed "
+            "(pip install 'calibjax[plots]').", file=sys.stderr)
+      return path
+    return plots.save(draw(data), path)
+
+
+def main(body):
+  """An absl ``main`` that runs ``body()`` and reports calibjax's user errors (bad flags,
+  files, models, folders) as one line on stderr with exit status 1; ``--verbosity=1`` shows
+  the traceback instead."""
+  @functools.wraps(body)
+  def wrapped(argv):
+    del argv
+    verbose = flags.FLAGS.verbosity >= 1
+    try:
+      body()
+    except errors.CalibjaxError as e:
+      if verbose:
+        raise
+      sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e} (--verbosity=1 shows the "
+               "traceback)")
+  return wrapped
 
 
 def load_tasks() -> list[tasks.Task]:
@@ -100,5 +185,4 @@ def load_head(lm):
 
 
 def validity_cache() -> str:
-  import os
   return os.path.join(CACHE_DIR.value or models.default_cache_dir(), "validity")

@@ -43,30 +43,30 @@ def config() -> diagnostics.DiagnoseConfig:
 def run() -> dict:
   """Runs (or resumes) the diagnostics and writes every output; returns the summaries."""
   cfg = config()
-  job = common.Run("diagnose")
-  todo = common.load_tasks()
-  lm = None
-  items = {}
-  for task in todo:
-    if not job.items.done(task.name):
-      lm = lm or common.load_model()
-      job.items.save(task.name, diagnostics.diagnose_task(
-          lm, task, cfg, head=common.load_head(lm), cache_dir=common.validity_cache()))
-    items[task.name] = job.items.load(task.name)
-  out = job.out
-  records = [{"task": name, **node} for name, item in items.items() for node in item["nodes"]]
-  results.write_text_atomic(os.path.join(out, "positions.jsonl"), results.jsonl(records))
-  summaries = {name: item["summary"] for name, item in items.items()}
-  results.write_json_atomic(os.path.join(out, "summary.json"), summaries)
-  plots.save(plots.shape_figure(summaries), os.path.join(out, "shape.png"))
-  plots.save(plots.order_figure(summaries), os.path.join(out, "order.png"))
-  results.write_text_atomic(os.path.join(out, "report.md"), diagnostics.report_markdown(summaries))
-  job.finish(tasks=list(items))
+  with common.Run("diagnose") as job:
+    lm = None
+    items = {}
+    for task in job.tasks:
+      if not job.items.done(task.name):
+        lm = lm or common.load_model()
+        job.items.save(task.name, diagnostics.diagnose_task(
+            lm, task, cfg, head=common.load_head(lm), cache_dir=common.validity_cache()))
+      items[task.name] = job.items.load(task.name)
+    out = job.out
+    records = [{"task": name, **node} for name, item in items.items() for node in item["nodes"]]
+    results.write_text_atomic(os.path.join(out, "positions.jsonl"), results.jsonl(records))
+    summaries = {name: item["summary"] for name, item in items.items()}
+    results.write_json_atomic(os.path.join(out, "summary.json"), summaries)
+    job.figure(plots.shape_figure, summaries, "shape.png")
+    job.figure(plots.order_figure, summaries, "order.png")
+    results.write_text_atomic(os.path.join(out, "report.md"),
+                              diagnostics.report_markdown(summaries))
+    job.finish(tasks=list(items))
   return summaries
 
 
-def main(argv):
-  del argv
+@common.main
+def main():
   run()
   print(f"wrote {common.OUT.value}: positions.jsonl summary.json shape.png order.png report.md")
 

@@ -97,29 +97,27 @@ def table_markdown(items: dict, levels) -> str:
 def run() -> dict:
   """Runs (or resumes) the frontiers and writes every output; returns them by task."""
   cfg = config()
-  job = common.Run("frontier")
-  lm = None
-  items = {}
-  for task in common.load_tasks():
-    if not job.items.done(task.name):
-      lm = lm or common.load_model()
-      item = frontier.frontier_task(lm, task, cfg, head=common.load_head(lm),
-                                    cache_dir=common.validity_cache())
-      if _MC_SAMPLES.value:
-        item["mc_check"] = mc_check(lm, task, item,
-                                    _MC_SAMPLES.value, common.SEED.value)
-      job.items.save(task.name, item)
-    items[task.name] = job.items.load(task.name)
-  out = job.out
-  results.write_json_atomic(os.path.join(out, "frontier.json"), items)
-  plots.save(plots.frontier_figure(items), os.path.join(out, "frontier.png"))
-  results.write_text_atomic(os.path.join(out, "table.md"), table_markdown(items, cfg.levels))
-  job.finish(tasks=list(items))
+  with common.Run("frontier") as job:
+    lm = None
+    items = {}
+    for task in job.tasks:
+      if not job.items.done(task.name):
+        lm = lm or common.load_model()
+        item = frontier.frontier_task(lm, task, cfg, head=common.load_head(lm),
+                                      cache_dir=common.validity_cache())
+        if _MC_SAMPLES.value:
+          item["mc_check"] = mc_check(lm, task, item, _MC_SAMPLES.value, common.SEED.value)
+        job.items.save(task.name, item)
+      items[task.name] = job.items.load(task.name)
+    results.write_json_atomic(os.path.join(job.out, "frontier.json"), items)
+    job.figure(plots.frontier_figure, items, "frontier.png")
+    results.write_text_atomic(os.path.join(job.out, "table.md"), table_markdown(items, cfg.levels))
+    job.finish(tasks=list(items))
   return items
 
 
-def main(argv):
-  del argv
+@common.main
+def main():
   run()
   print(f"wrote {common.OUT.value}: frontier.json frontier.png table.md")
 

@@ -79,41 +79,40 @@ def report_markdown(rep: dict) -> str:
 @common.on_mesh
 def run() -> dict:
   cfg = frontier_binary.config()
-  job = common.Run("head_report")
-  todo = common.load_tasks()
-  lm = common.load_model()
-  models = {"base": None, **heads(lm)}
-  embed = lm.embedding()
-  frontiers = {}
-  for task in todo:
-    frontiers[task.name] = {}
-    for name, head in models.items():
-      key = f"{task.name}.{name}"
-      if not job.items.done(key):
-        job.items.save(key, frontier.frontier_task(lm, task, cfg, head=head,
-                                                   cache_dir=common.validity_cache()))
-      frontiers[task.name][name] = job.items.load(key)
-  if not job.items.done("positions"):
-    pos = ht.concat([ht.task_positions(lm, t, batch_size=common.BATCH_SIZE.value,
-                                       cache_dir=common.validity_cache()) for t in todo])
-    keep = ht.keep_positions(lm, jax.random.key(common.SEED.value))
-    job.items.save("positions", {
-        "steps": {n: head_report.step_metrics(pos, embed, h) for n, h in models.items()},
-        "keep": {n: head_report.keep_kl(keep, embed, h) for n, h in models.items() if h}})
-  positions = job.items.load("positions")
-  rep = head_report.summarise(frontiers, positions["steps"], positions["keep"],
-                              level=_LEVEL.value)
-  out = job.out
-  results.write_json_atomic(os.path.join(out, "report.json"), rep)
-  results.write_json_atomic(os.path.join(out, "frontiers.json"), frontiers)
-  results.write_text_atomic(os.path.join(out, "report.md"), report_markdown(rep))
-  plots.save(plots.heads_figure(rep), os.path.join(out, "coverage.png"))
-  job.finish(tasks=[t.name for t in todo], heads=list(models)[1:])
+  with common.Run("head_report", uses=("frontier",)) as job:
+    lm = common.load_model()
+    models = {"base": None, **heads(lm)}
+    embed = lm.embedding()
+    frontiers = {}
+    for task in job.tasks:
+      frontiers[task.name] = {}
+      for name, head in models.items():
+        key = f"{task.name}.{name}"
+        if not job.items.done(key):
+          job.items.save(key, frontier.frontier_task(lm, task, cfg, head=head,
+                                                     cache_dir=common.validity_cache()))
+        frontiers[task.name][name] = job.items.load(key)
+    if not job.items.done("positions"):
+      pos = ht.concat([ht.task_positions(lm, t, batch_size=common.BATCH_SIZE.value,
+                                         cache_dir=common.validity_cache()) for t in job.tasks])
+      keep = ht.keep_positions(lm, jax.random.key(common.SEED.value))
+      job.items.save("positions", {
+          "steps": {n: head_report.step_metrics(pos, embed, h) for n, h in models.items()},
+          "keep": {n: head_report.keep_kl(keep, embed, h) for n, h in models.items() if h}})
+    positions = job.items.load("positions")
+    rep = head_report.summarise(frontiers, positions["steps"], positions["keep"],
+                                level=_LEVEL.value)
+    out = job.out
+    results.write_json_atomic(os.path.join(out, "report.json"), rep)
+    results.write_json_atomic(os.path.join(out, "frontiers.json"), frontiers)
+    results.write_text_atomic(os.path.join(out, "report.md"), report_markdown(rep))
+    job.figure(plots.heads_figure, rep, "coverage.png")
+    job.finish(tasks=[t.name for t in job.tasks], heads=list(models)[1:])
   return rep
 
 
-def main(argv):
-  del argv
+@common.main
+def main():
   rep = run()
   print(f"wrote {common.OUT.value}: report.json report.md coverage.png frontiers.json "
         f"(target {'met' if rep['target_met'] else 'not met'})")

@@ -48,39 +48,40 @@ def metrics(task, texts, answers, reasons) -> dict:
 @common.on_mesh
 def run() -> dict:
   spec = str(truncation.Sampler.parse(_SAMPLER.value))
-  job = common.Run("sample")
-  lm = None
-  batch = common.BATCH_SIZE.value
-  per_task, records = {}, []
-  for task in common.load_tasks():
-    texts, answers, reasons = [], [], []
-    for b, start in enumerate(range(0, _N.value, batch)):
-      key = f"{task.name}-{b:05d}"
-      if not job.items.done(key):
-        lm = lm or common.load_model()
-        mc = sequence.sample(lm, task, spec, min(batch, _N.value - start),
-                             jax.random.fold_in(jax.random.key(common.SEED.value), b),
-                             max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
-                             head=common.load_head(lm), cache_dir=common.validity_cache(),
-                             progress=False)
-        job.items.save(key, {
-            "texts": [t.decode("utf-8", "replace") for t in mc.texts],
-            "answers": [None if a < 0 else int(a) for a in mc.answer], "reasons": list(mc.reason)})
-      item = job.items.load(key)
-      texts += item["texts"]
-      answers += item["answers"]
-      reasons += item["reasons"]
-    records += [{"task": task.name, "text": t, "answer": None if a is None else task.answers[a],
-                 "reason": r} for t, a, r in zip(texts, answers, reasons)]
-    per_task[task.name] = {"sampler": spec, **metrics(task, texts, answers, reasons)}
-  results.write_text_atomic(os.path.join(job.out, "samples.jsonl"), results.jsonl(records))
-  results.write_json_atomic(os.path.join(job.out, "metrics.json"), per_task)
-  job.finish(tasks=list(per_task))
+  with common.Run("sample") as job:
+    lm = None
+    batch = common.BATCH_SIZE.value
+    per_task, records = {}, []
+    for task in job.tasks:
+      texts, answers, reasons = [], [], []
+      for b, start in enumerate(range(0, _N.value, batch)):
+        key = f"{task.name}-{b:05d}"
+        if not job.items.done(key):
+          lm = lm or common.load_model()
+          mc = sequence.sample(lm, task, spec, min(batch, _N.value - start),
+                               jax.random.fold_in(jax.random.key(common.SEED.value), b),
+                               max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
+                               head=common.load_head(lm), cache_dir=common.validity_cache(),
+                               progress=False)
+          job.items.save(key, {
+              "texts": [t.decode("utf-8", "replace") for t in mc.texts],
+              "answers": [None if a < 0 else int(a) for a in mc.answer],
+              "reasons": list(mc.reason)})
+        item = job.items.load(key)
+        texts += item["texts"]
+        answers += item["answers"]
+        reasons += item["reasons"]
+      records += [{"task": task.name, "text": t, "answer": None if a is None else task.answers[a],
+                   "reason": r} for t, a, r in zip(texts, answers, reasons)]
+      per_task[task.name] = {"sampler": spec, **metrics(task, texts, answers, reasons)}
+    results.write_text_atomic(os.path.join(job.out, "samples.jsonl"), results.jsonl(records))
+    results.write_json_atomic(os.path.join(job.out, "metrics.json"), per_task)
+    job.finish(tasks=list(per_task))
   return per_task
 
 
-def main(argv):
-  del argv
+@common.main
+def main():
   for name, m in run().items():
     lo, hi = m["seq_validity_ci99"]
     print(f"{name}: seq_validity {m['seq_validity']:.3f} [{lo:.3f}, {hi:.3f}], "

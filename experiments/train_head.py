@@ -38,9 +38,9 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint pe
 _MAX_TO_KEEP = flags.DEFINE_integer("max_to_keep", 3, "Checkpoints kept.")
 
 
-def positions(lm, out: str) -> dict:
-  """Train/eval task positions and preservation positions, computed once into ``out/data``."""
-  todo = common.load_tasks()
+def positions(lm, out: str, todo) -> dict:
+  """Train/eval task positions of the tasks ``todo`` and preservation positions, computed
+  once into ``out/data``."""
   split = {s: [t for t in todo if t.split == s] for s in ("train", "eval")}
   if not split["train"]:
     raise errors.InputError("--task selects no train-split task; try --task=all.")
@@ -64,27 +64,28 @@ def positions(lm, out: str) -> dict:
 
 @common.on_mesh
 def run() -> list[dict]:
-  job = common.Run("train_head")
-  lm = common.load_model()
-  data = positions(lm, job.out)
-  cfg = ht.TrainConfig(
-      steps=_STEPS.value, batch_size=common.BATCH_SIZE.value, learning_rate=_LR.value,
-      weights=recalibration.LossWeights(_LAMBDA_VALID.value, _LAMBDA_SHAPE.value,
-                                        _LAMBDA_KEEP.value),
-      eval_every=_EVAL_EVERY.value, checkpoint_every=_CHECKPOINT_EVERY.value,
-      max_to_keep=_MAX_TO_KEEP.value, seed=common.SEED.value)
-  embed = lm.embedding()
-  head = recalibration.create(_KIND.value, embed.shape[1], rank=_RANK.value,
-                              seed=common.SEED.value)
-  records = ht.train(head, embed, data["train"], data["keep"], data.get("eval"), cfg, job.out,
-                     resume=common.RESUME.value)
-  recalibration.save(os.path.join(job.out, "head"), head, _KIND.value, rank=_RANK.value)
-  job.finish(positions={k: len(v) for k, v in data.items()}, final=records[-1] if records else None)
+  with common.Run("train_head") as job:
+    lm = common.load_model()
+    data = positions(lm, job.out, job.tasks)
+    cfg = ht.TrainConfig(
+        steps=_STEPS.value, batch_size=common.BATCH_SIZE.value, learning_rate=_LR.value,
+        weights=recalibration.LossWeights(_LAMBDA_VALID.value, _LAMBDA_SHAPE.value,
+                                          _LAMBDA_KEEP.value),
+        eval_every=_EVAL_EVERY.value, checkpoint_every=_CHECKPOINT_EVERY.value,
+        max_to_keep=_MAX_TO_KEEP.value, seed=common.SEED.value)
+    embed = lm.embedding()
+    head = recalibration.create(_KIND.value, embed.shape[1], rank=_RANK.value,
+                                seed=common.SEED.value)
+    records = ht.train(head, embed, data["train"], data["keep"], data.get("eval"), cfg,
+                       job.out, resume=common.RESUME.value)
+    recalibration.save(os.path.join(job.out, "head"), head, _KIND.value, rank=_RANK.value)
+    job.finish(positions={k: len(v) for k, v in data.items()},
+               final=records[-1] if records else None)
   return records
 
 
-def main(argv):
-  del argv
+@common.main
+def main():
   records = run()
   if records:
     print(f"step {records[-1]['step']}: loss {records[-1]['loss']:.4f}")

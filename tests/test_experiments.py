@@ -270,11 +270,12 @@ def test_train_head_then_use_it(setup):
   assert sorted(os.listdir(out / "checkpoints")) == ["step_10", "step_20", "step_30"]
   manifest = json.loads(read(out / "manifest.json"))
   assert manifest["positions"]["train"] > 0 and manifest["flags"]["head_kind"] == "low_rank"
-  plain = json.loads(read(setup["root"] / "frontier" / "frontier.json"))["tiny_ab"]
-  tuned_dir = setup["root"] / "frontier_head"
-  run(frontier, setup, tuned_dir, samplers=["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3",
-                                            "oracle_set,t=1.5", "oracle_rank=0.9"],
-      coverage_n=10, head=str(out / "head"))
+  samplers = ["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3", "oracle_set,t=1.5",
+              "oracle_rank=0.9"]
+  plain_dir, tuned_dir = setup["root"] / "frontier_plain", setup["root"] / "frontier_head"
+  run(frontier, setup, plain_dir, samplers=samplers, coverage_n=10)
+  plain = json.loads(read(plain_dir / "frontier.json"))["tiny_ab"]
+  run(frontier, setup, tuned_dir, samplers=samplers, coverage_n=10, head=str(out / "head"))
   tuned = json.loads(read(tuned_dir / "frontier.json"))["tiny_ab"]
   assert tuned["points"][0]["seq_validity"] != plain["points"][0]["seq_validity"]
   assert json.loads(read(tuned_dir / "manifest.json"))["flags"]["head"] == str(out / "head")
@@ -300,3 +301,87 @@ def test_train_head_then_use_it(setup):
   assert (rep_dir / "coverage.png").read_bytes()[:8] == PNG
   with pytest.raises(errors.InputError, match="name=path"):
     run(head_report, setup, setup["root"] / "bad_report", head_dirs=["nameless"])
+
+
+def test_resume_refuses_changed_settings(setup, tmp_path):
+  """--resume with a flag, the model or a task file changed is refused, naming what changed,
+  and leaves the finished results as they were; unchanged settings resume."""
+  out = tmp_path / "frontier"
+  flags = dict(samplers=["top_p=0.9"], coverage_n=5)
+  run(frontier, setup, out, temperatures=[1.0], bound=2e-2, **flags)
+  before = read(out / "frontier.json")
+  with pytest.raises(errors.InputError, match=r"bound: 0\.02 then, 0\.1 now.*temperatures"):
+    run(frontier, setup, out, temperatures=[1.5], bound=0.1, resume=True, **flags)
+  other = tmp_path / "other.gguf"
+  tiny.write_gguf(str(other), tiny.model(seed=9))
+  with pytest.raises(errors.InputError, match="model: .*other.gguf"):
+    run(frontier, setup, out, temperatures=[1.0], bound=2e-2, resume=True, model=str(other),
+        **flags)
+  assert read(out / "frontier.json") == before
+  run(frontier, setup, out, temperatures=[1.0], bound=2e-2, resume=True, **flags)
+  assert read(out / "frontier.json") == before
+  # sample: a new sampler and n would have mixed greedy and T = 3 samples
+  out = tmp_path / "sample"
+  run(sample, setup, out, sampler="top_k=1", n=4, max_new_tokens=4)
+  with pytest.raises(errors.InputError, match=r"n: 4 then, 8 now.*sampler: 'top_k=1' then"):
+    run(sample, setup, out, sampler="t=3", n=8, max_new_tokens=4, resume=True)
+  # a task whose file changed between the runs
+  task = tmp_path / "task.json"
+  spec = {"name": "tiny_c", "description": "t", "prompts": ["ab"], "answers": ["a", "b"]}
+  task.write_text(json.dumps(spec))
+  out = tmp_path / "diagnose"
+  run(diagnose, setup, out, task=[str(task)], floor=1e-3, max_nodes=3)
+  task.write_text(json.dumps({**spec, "answers": ["a", "ab"]}))
+  with pytest.raises(errors.InputError, match="task tiny_c: its content changed"):
+    run(diagnose, setup, out, task=[str(task)], floor=1e-3, max_nodes=3, resume=True)
+
+
+def test_one_run_per_output_folder(setup, tmp_path, capfd):
+  """A second run on a folder a live process holds is refused (its pid named); the lock of
+  a process that died is taken over."""
+  import subprocess
+  import sys
+  out = tmp_path / "busy"
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom calibjax import results\n"
+       "lock = results.OutputLock(sys.argv[1])\nprint('held', flush=True)\ntime.sleep(120)",
+       str(out)], cwd=root, stdout=subprocess.PIPE)
+  try:
+    assert holder.stdout.readline().strip() == b"held"
+    with pytest.raises(errors.InputError, match=rf"in use by another run \(pid {holder.pid} on "):
+      run(diagnose, setup, out, floor=1e-3, max_nodes=3)
+    assert not (out / "items").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  capfd.readouterr()
+  run(diagnose, setup, out, floor=1e-3, max_nodes=3)
+  assert f"taking over {out}/.lock from a run that is no longer running (pid {holder.pid}" in (
+      capfd.readouterr().err)
+  assert read(out / ".lock") == ""  # released at the end
+
+
+def test_user_errors_are_one_line(setup, tmp_path):
+  """A bad --task: one line on stderr, exit status 1; --verbosity=1 adds the traceback."""
+  import subprocess
+  import sys
+  root = os.path.join(os.path.dirname(__file__), os.pardir)
+  args = [sys.executable, "-m", "experiments.diagnose", "--task=no_such_task",
+          f"--out={tmp_path / 'x'}"]
+  quiet = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=120)
+  assert quiet.returncode == 1
+  lines = quiet.stderr.strip().splitlines()
+  assert len(lines) == 1 and "error: unknown task 'no_such_task'" in lines[0], quiet.stderr
+  loud = subprocess.run(args + ["--verbosity=1"], cwd=root, capture_output=True, text=True,
+                        timeout=120)
+  assert loud.returncode == 1 and "Traceback" in loud.stderr
+
+
+def test_figures_skipped_without_matplotlib(setup, tmp_path, monkeypatch, capfd):
+  monkeypatch.setattr(plots, "available", lambda: False)
+  out = tmp_path / "f"
+  run(frontier, setup, out, samplers=["t=1"], coverage_n=5)
+  assert json.loads(read(out / "frontier.json")) and (out / "table.md").exists()
+  assert not (out / "frontier.png").exists()
+  assert "skipped" in capfd.readouterr().err

@@ -62,3 +62,26 @@ def test_capacity_buckets():
   assert inputs.capacity(jnp.asarray(m), None) == 64
   assert inputs.capacity(jnp.asarray(m), 64) == 128  # one slot stays a +inf sentinel
   assert jax.jit(lambda m: jnp.zeros(inputs.capacity(m, None)))(m).shape == (512,)
+
+
+_Z = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+_M = jnp.array([[True, False, True, False]])
+TEMPERATURE_TAKERS = {
+    "cutoff_curve": lambda t: cj.cutoff_curve(_Z, _M, jnp.array([1, 2]), t),
+    "shape_stats": lambda t: cj.shape_stats(_Z, _M, temperature=t),
+    "row_stats": lambda t: cj.row_stats(_Z, _M, temperature=t),
+    "group_masses": lambda t: cj.group_masses(_Z, _M, jnp.array([1.0, t])),
+    "truncate": lambda t: cj.truncate(_Z, "top_p", 0.9, temperature=t),
+    "truncate_chain": lambda t: cj.truncate_chain(_Z, "top_k=2", temperature=t),
+    "oracle_cutoff": lambda t: cj.oracle_cutoff(_Z, _M, temperature=t),
+    "top_label_ece": lambda t: cj.top_label_ece(_Z, jnp.array([0]), temperature=t),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TEMPERATURE_TAKERS))
+@pytest.mark.parametrize("t", [-1.0, 0.0, float("nan"), float("inf")])
+def test_every_public_function_rejects_bad_temperatures(name, t):
+  """One check for all (inputs.prepare): T = -1 used to give cutoff_curve plausible wrong
+  validities, T = 0 or NaN NaN results."""
+  with pytest.raises(cj.errors.InputError, match="finite and > 0"):
+    TEMPERATURE_TAKERS[name](t)

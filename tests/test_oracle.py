@@ -93,6 +93,21 @@ def test_oracle_gap_hand_computed():
     cj.oracle_cutoff(z, m, objective="recall")
 
 
+def test_oracle_gap_f1_when_a_value_keeps_no_valid_token():
+  """top_k = 1 keeps only the (invalid) top token of row 0: recall 0 there. F1 per value is
+  computed from the row's valid count (Truncation.n_valid), never from kept_valid / recall
+  (0/0), so every F1 is finite and the best k is the hand-computed one."""
+  z = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0]], np.float32)
+  m = np.array([[False, True, True, False, False], [True, True, False, False, False]])
+  g = cj.oracle_gap(z, m, "top_k", np.arange(1, 6), objective="f1")
+  # F1(k) = 2·kept_valid / (k + n_valid): row 0: 0, 2/4, 4/5, 4/6, 4/7; row 1: 2/3, 1, 4/5, ...
+  want = np.mean([[0, 2 / 4, 4 / 5, 4 / 6, 4 / 7], [2 / 3, 1, 4 / 5, 4 / 6, 4 / 7]], axis=0)
+  np.testing.assert_allclose(g.mean_f1, want, rtol=1e-6)
+  assert g.best_index == 2 and g.best_value == 3
+  tr = cj.truncate(z, "top_k", 1, valid_mask=m)
+  np.testing.assert_array_equal(np.asarray(tr.n_valid), [2, 2])
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_oracle_rank_sampler_keeps_the_oracle_cutoff(ties):
   """``oracle_rank=τ`` keeps exactly the brute-force r* tokens (tie-closed, z ≥ z*); rows

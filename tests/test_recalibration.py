@@ -141,10 +141,19 @@ def test_training_resumes_with_identical_losses(positions, tmp_path):
   assert resumed == whole  # every loss of every step, bit for bit
   assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["step_12", "step_8"]
   np.testing.assert_array_equal(np.asarray(resumed_head.u[...]), np.asarray(head.u[...]))
-  # a damaged newest checkpoint is an error, never silently used
+  # killed inside the save of step 12 (no marker yet): never used; the resume falls back to
+  # the newest intact checkpoint (step 8), says so, and still reproduces every loss
   marker = tmp_path / "b" / "checkpoints" / "step_12" / "COMPLETE"
   marker.unlink()
-  with pytest.raises(errors.CheckpointError, match="COMPLETE"):
+  said = []
+  again = train(make("low_rank", task.hidden.shape[1]), embed, task, keep, task, cfg,
+                str(tmp_path / "b"), resume=True, log=said.append)
+  assert again == whole
+  assert any("step_12" in m and "COMPLETE" in m and "step 8" in m for m in said), said
+  # with no intact checkpoint at all, resuming is an error, never a silent fresh start
+  for step in ("step_8", "step_12"):
+    (tmp_path / "b" / "checkpoints" / step / "COMPLETE").unlink()
+  with pytest.raises(errors.CheckpointError, match="no intact checkpoint"):
     train(make("low_rank", task.hidden.shape[1]), embed, task, keep, task, cfg,
           str(tmp_path / "b"), resume=True)
 

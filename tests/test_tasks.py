@@ -68,6 +68,8 @@ def test_loads_a_task_file_by_path(tmp_path):
     ({"split": "test"}, "'train' or 'eval'"),
     ({"name": "Bad Name"}, "must match"),
     ({"prompts": None}, "field 'prompts': is required"),
+    ({"prompts": ["Q", ""]}, "field 'prompts': item 1 is empty or only whitespace"),
+    ({"chat_prompts": ["  "]}, "field 'chat_prompts': item 0 is empty"),
     ({"case_sensitive": "yes"}, "true or false"),
     ({"terminators": [], "end_of_sequence": False}, "never end"),
 ])

