@@ -25,7 +25,7 @@ from flax import struct
 from jax.typing import ArrayLike
 
 from calibjax import errors, inputs
-from calibjax.rowwise import map_rows, replicate
+from calibjax.rowwise import map_rows, on_input_mesh, replicate
 
 
 @struct.dataclass
@@ -93,8 +93,11 @@ def _prepare(logits, labels, temperature):
 def _log_softmax_rows(fn, z, *rows_args, temperature):
   """``fn(log_softmax(z_i / T), *args_i)`` for each row i, one row at a time (no [N, V]
   temporaries)."""
-  return map_rows(lambda zr, *a: fn(jax.nn.log_softmax(zr / temperature), *a), z, *rows_args,
-                  batch_shape=z.shape[:1])
+  # the temperature travels with every row: a shard_map may not close over arrays on an
+  # Explicit mesh
+  t_rows = jnp.broadcast_to(temperature, z.shape[:1])
+  return map_rows(lambda zr, tr, *a: fn(jax.nn.log_softmax(zr / tr), *a), z, t_rows,
+                  *rows_args, batch_shape=z.shape[:1])
 
 
 def _top_row(log_p, y):
@@ -119,6 +122,7 @@ def _top_label(z, y, t, n_bins, binning):
   return _reliability(edges, seg(jnp.ones_like(conf)), seg(conf), seg(correct))
 
 
+@on_input_mesh
 def top_label_ece(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 15,
                   binning: str = "width", temperature: ArrayLike = 1.0) -> Reliability:
   """Top-label calibration of ``p = softmax(z / T)`` against observed next tokens.
@@ -161,6 +165,7 @@ def _proper_row(log_p, y):
 _proper = jax.jit(lambda z, y, t: _log_softmax_rows(_proper_row, z, y, temperature=t))
 
 
+@on_input_mesh
 def proper_scores(logits: ArrayLike, labels: ArrayLike,
                   temperature: ArrayLike = 1.0) -> ProperScores:
   """Brier score and negative log-likelihood per position (fields of shape ``[...]``).
@@ -195,6 +200,7 @@ def _check_bins(n_bins, p_min):
     raise errors.InputError(f"need n_bins >= 2 and 0 < p_min < 1, got {n_bins}, {p_min}.")
 
 
+@on_input_mesh
 def full_ece(logits: ArrayLike, labels: ArrayLike, *, n_bins: int = 17, p_min: float = 1e-8,
              temperature: ArrayLike = 1.0) -> Reliability:
   """Calibration over every (position, token) pair: forecast ``p_v``, outcome ``[v = y]``.
@@ -236,6 +242,7 @@ def _distributional(z, w, t, n_bins, p_min):
   return DistributionalCalibration(reliability=rel, tv=tv, kl_target_to_p=kl)
 
 
+@on_input_mesh
 def distributional_calibration(logits: ArrayLike, target: ArrayLike, *, n_bins: int = 17,
                                p_min: float = 1e-8,
                                temperature: ArrayLike = 1.0) -> DistributionalCalibration:

@@ -17,6 +17,7 @@ import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
+from calibjax.rowwise import on_input_mesh
 from calibjax import dispatch, errors, inputs, truncation
 from calibjax.ranks import valid_ranks
 
@@ -92,6 +93,7 @@ def _oracle(z, m, tau, temperature, cap, method, objective, implementation):
       kept_mass=nan(at(mass)), feasible=feasible & defined, defined=defined)
 
 
+@on_input_mesh
 def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "validity",
                   tau: ArrayLike = 0.95, temperature: ArrayLike = 1.0, *,
                   max_valid: int | None = None, method: str = "threshold",
@@ -143,6 +145,7 @@ class OracleGap:
   positions: int
 
 
+@on_input_mesh
 def oracle_gap(logits: ArrayLike, valid_mask: ArrayLike, rule: str, values, *,
                objective: str = "validity", tau: float = 0.95,
                temperature: float = 1.0) -> OracleGap:

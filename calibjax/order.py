@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 
 from calibjax import dispatch, errors, inputs
 from calibjax.ranks import METHODS, ValidRanks, valid_ranks
-from calibjax.rowwise import map_rows
+from calibjax.rowwise import map_rows, on_input_mesh
 
 
 @struct.dataclass
@@ -107,6 +107,7 @@ def _order_stats(z, m, cap, method, implementation):
       has_invalid=has_invalid, capacity_ok=r.capacity_ok, defined=defined)
 
 
+@on_input_mesh
 def order_stats(logits: ArrayLike, valid_mask: ArrayLike, *, max_valid: int | None = None,
                 method: str = "threshold", implementation: str | None = None) -> OrderStats:
   """Order metrics of SPEC §1 for every row of ``logits [..., V]``.
@@ -147,6 +148,7 @@ def _recall_at_precision(z, m, tau, cap, method, implementation):
   return jnp.where(defined, best, jnp.nan)
 
 
+@on_input_mesh
 def recall_at_precision(logits: ArrayLike, valid_mask: ArrayLike, tau: ArrayLike, *,
                         max_valid: int | None = None, method: str = "threshold",
                         implementation: str | None = None) -> jax.Array:
@@ -220,6 +222,7 @@ def _cutoff_curve(z, m, cutoffs, temperature, k):
                      validity=nan(val))
 
 
+@on_input_mesh
 def cutoff_curve(logits: ArrayLike, valid_mask: ArrayLike, cutoffs: ArrayLike,
                  temperature: ArrayLike = 1.0, *, max_cutoff: int | None = None) -> CutoffCurve:
   """Precision, recall and validity of the top-``r`` set for each requested cutoff ``r``.

@@ -5,14 +5,17 @@ function makes several passes over it, whereas the same passes over a whole ``[B
 stream it from memory each time. On CPU, mapping rows with ``lax.map`` is ~2-3x faster than
 vmapping the same function for the reductions here (measured in ``experiments/benchmark.py``).
 
-Under a mesh with a ``"data"`` axis (``jax.set_mesh``, see :mod:`calibjax.sharding`), rows are
-split over that axis with ``jax.shard_map``: each device maps its own rows, and the results
-stay sharded by row. Row functions are independent per row, so the numbers are the
+Under a mesh with a ``"data"`` axis (``jax.set_mesh``, see :mod:`calibjax.sharding`; or,
+without one, the mesh of the inputs' own Explicit sharding, as ``jax.device_put(x,
+NamedSharding(mesh, P("data")))`` makes it), rows are split over that axis with
+``jax.shard_map``: each device maps its own rows, and the results stay sharded by row. Row functions are independent per row, so the numbers are the
 single-device numbers exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -21,6 +24,33 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"  # the mesh axis that rows (positions, samples, nodes) are split over
+
+
+def input_mesh(*arrays) -> contextlib.AbstractContextManager:
+  """A context with the mesh the rows live on: the current mesh when there is one, else the
+  (abstract) mesh named by an input's Explicit sharding, so that inputs placed with
+  ``device_put`` on an Explicit mesh work without ``jax.set_mesh`` (Auto-sharded and
+  unsharded inputs need no mesh: nothing changes for them)."""
+  if jax.sharding.get_abstract_mesh().empty:
+    for a in jax.tree.leaves(arrays):
+      if not isinstance(a, jax.Array):
+        continue
+      traced = isinstance(a, jax.core.Tracer)  # a traced value's type names its mesh
+      mesh = getattr(jax.typeof(a).sharding if traced else a.sharding, "mesh", None)
+      if (mesh is not None and not mesh.empty and
+          jax.sharding.AxisType.Explicit in mesh.axis_types):
+        return jax.sharding.use_abstract_mesh(mesh) if traced else jax.set_mesh(mesh)
+  return contextlib.nullcontext()
+
+
+def on_input_mesh(fn: Callable) -> Callable:
+  """Runs a public function of the array core under :func:`input_mesh` of its arguments, so
+  that everything inside (row maps, kernels, steps that mix rows) sees the rows' mesh."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with input_mesh(*args, *kwargs.values()):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def data_axis() -> tuple[int, bool]:

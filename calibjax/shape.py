@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 import kernels
 from calibjax import dispatch, errors, inputs
-from calibjax.rowwise import map_rows
+from calibjax.rowwise import map_rows, on_input_mesh
 
 
 @struct.dataclass
@@ -122,6 +122,7 @@ def _target_weights(target, shape):
   return w
 
 
+@on_input_mesh
 def shape_stats(logits: ArrayLike, valid_mask: ArrayLike, temperature: ArrayLike = 1.0,
                 target: ArrayLike | None = None) -> ShapeStats:
   """Shape metrics of SPEC §2 for every row of ``logits [..., V]``.
@@ -175,6 +176,7 @@ def _row_stats(z, m, t, implementation):
   return jax.tree.map(lambda v: v.reshape(batch), out)
 
 
+@on_input_mesh
 def row_stats(logits: ArrayLike, valid_mask: ArrayLike | None = None, *,
               temperature: ArrayLike = 1.0, implementation: str | None = None) -> RowStats:
   """Max, logsumexp and entropy of ``a = z / T`` per row (and, with ``valid_mask``, the valid
@@ -243,13 +245,17 @@ def _row_groups(z, m, w, temps, top_m):
 @functools.partial(jax.jit, static_argnames=("top_m",))
 def _group_masses(z, m, w, temps, top_m):
   batch = z.shape[:-1]
+  # the temperatures travel with every row: a shard_map may not close over arrays on an
+  # Explicit mesh
   over, under, invalid = map_rows(
-      lambda zr, mr, wr: _row_groups(zr, mr, wr, temps, top_m), z, m, w, batch_shape=batch)
+      lambda zr, mr, wr, tr: _row_groups(zr, mr, wr, tr, top_m), z, m, w,
+      jnp.broadcast_to(temps, batch + temps.shape), batch_shape=batch)
   finite = inputs.row_finite(z)
   fix = lambda x: jnp.where(finite, jnp.moveaxis(x, len(batch), 0), jnp.nan)
   return GroupMasses(temperatures=temps, over=fix(over), under=fix(under), invalid=fix(invalid))
 
 
+@on_input_mesh
 def group_masses(logits: ArrayLike, valid_mask: ArrayLike, temperatures: ArrayLike,
                  target: ArrayLike | None = None, top_m: int | None = None) -> GroupMasses:
   """Mass of the over-represented valid, other valid and invalid tokens at each temperature.

@@ -43,7 +43,7 @@ from flax import struct
 from jax.typing import ArrayLike
 
 from calibjax import dispatch, errors, inputs, selection
-from calibjax.rowwise import map_rows
+from calibjax.rowwise import map_rows, on_input_mesh
 
 RULES = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma")
 ORACLE_SET = "oracle_set"
@@ -408,6 +408,7 @@ def _run(z, m, t, params, row_fn, spec, keep, squeeze):
   return Truncation(**fields)
 
 
+@on_input_mesh
 def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = None, *,
              temperature: ArrayLike = 1.0, valid_mask: ArrayLike | None = None,
              return_keep: bool = True, implementation: str | None = None) -> Truncation:
@@ -457,6 +458,7 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
               not isinstance(params, Sweep))
 
 
+@on_input_mesh
 def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[str, float]], *,
                    temperature: ArrayLike | None = None, valid_mask: ArrayLike | None = None,
                    return_keep: bool = True, max_valid: int | None = None) -> Truncation:

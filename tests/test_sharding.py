@@ -1,6 +1,7 @@
 """Sharding on the 8 fake CPU devices of conftest: batch-sharded array-core functions equal the
 single-device numbers; vocabulary-sharded ops equal the unsharded ones; meshes from flags."""
 
+import contextlib
 import functools
 
 import jax
@@ -52,26 +53,36 @@ def _leaves_equal(a, b, what):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=what)
 
 
+@pytest.mark.parametrize("in_context", [True, False])
 @pytest.mark.parametrize("kind", [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit])
-def test_batch_sharded_array_core_equals_single_device(kind):
+def test_batch_sharded_array_core_equals_single_device(kind, in_context):
+  """Inputs placed on P("data", None) as JAX users place them; with the mesh set
+  (``jax.set_mesh``) or not: the inputs' own sharding is enough (Explicit axes used to
+  raise "0th dimension of all xs should be replicated" without ``set_mesh``)."""
   z, m, y = _rows()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(kind,))
-  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data", *[None] * (x.ndim - 1))))
+  context = (lambda: jax.set_mesh(mesh)) if in_context else contextlib.nullcontext
   for name, fn in ARRAY_CORE.items():
     want = jax.jit(fn)(z, m, y)
-    with jax.set_mesh(mesh):
+    with context():
       got = jax.jit(fn)(put(z), put(m), put(y))
+      eager = fn(put(z), put(m), put(y))  # the public functions' own jit
     _leaves_equal(want, got, name)
+    _leaves_equal(want, eager, name)
   with jax.set_mesh(mesh):  # row functions run data-parallel: results stay split by row
     out = jax.jit(ARRAY_CORE["order_stats"])(put(z), put(m), put(y))
   assert out.auroc.sharding.spec[0] == "data"
 
 
-def test_batch_sharded_kernels_agree():
-  """The Pallas path under a data mesh: each device runs the kernel on its rows."""
+@pytest.mark.parametrize("in_context", [True, False])
+def test_batch_sharded_kernels_agree(in_context):
+  """The Pallas path under a data mesh: each device runs the kernel on its rows (the mesh
+  set, or only named by the inputs' Explicit sharding)."""
   z, m, _ = _rows()
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P("data")))
+  context = (lambda: jax.set_mesh(mesh)) if in_context else contextlib.nullcontext
   fns = {"row_stats": lambda z, m: cj.row_stats(z, m, implementation="pallas"),
          "truncate": lambda z, m: cj.truncate(z, "top_k", cj.sweep([1, 8]), valid_mask=m,
                                               implementation="pallas"),
@@ -79,8 +90,8 @@ def test_batch_sharded_kernels_agree():
                                                     implementation="pallas")}
   for name, fn in fns.items():
     want = jax.jit(fn)(z, m)
-    with jax.set_mesh(mesh):
-      got = jax.jit(fn)(put(z), put(m))
+    with context():  # with the mesh set: under the caller's jit; without: eager
+      got = (jax.jit(fn) if in_context else fn)(put(z), put(m))
     for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
       x, y = np.asarray(x), np.asarray(y)
       if x.dtype == bool or np.issubdtype(x.dtype, np.integer):
