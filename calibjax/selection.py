@@ -44,15 +44,18 @@ def _slots(prefixes: jax.Array, high: jax.Array):
   return up, slot, member
 
 
-def select(keys: jax.Array, weights: jax.Array, targets: jax.Array) -> jax.Array:
+def select(keys: jax.Array, weights: jax.Array, targets: jax.Array,
+           with_masses: bool = False):
   """For each target t: the largest key K with ``Σ_{keys ≥ K} weights ≥ t``.
 
   Args:
     keys: uint32 ``[V]`` (one row); weights: float32 ``[V]`` ≥ 0; targets: float32 ``[S]``.
+    with_masses: also return the histograms' (float32) weight above K and at or above K.
 
   Returns:
-    uint32 ``[S]``. Always a key present in ``keys`` when the target is reachable; when the
-    total weight is below t, a key at or below every key (the caller clamps it).
+    uint32 ``[S]`` (and with ``with_masses`` two float32 ``[S]``). Always a key present in
+    ``keys`` when the target is reachable; when the total weight is below t, a key at or
+    below every key (the caller clamps it).
   """
   n_targets = targets.shape[0]
   prefix = jnp.zeros(n_targets, jnp.uint32)
@@ -75,9 +78,10 @@ def select(keys: jax.Array, weights: jax.Array, targets: jax.Array) -> jax.Array
     ok = above[:, None] + at_or_above >= targets[:, None]       # True for d <= d*
     d = jnp.maximum(jnp.sum(ok, axis=-1) - 1, 0)
     nxt = jnp.concatenate([at_or_above[:, 1:], jnp.zeros((n_targets, 1))], axis=-1)
+    at_or_above_k = above + jnp.take_along_axis(at_or_above, d[:, None], axis=-1)[:, 0]
     above = above + jnp.take_along_axis(nxt, d[:, None], axis=-1)[:, 0]
     prefix = (prefix << width) | d.astype(jnp.uint32)
-  return prefix
+  return (prefix, above, at_or_above_k) if with_masses else prefix
 
 
 def threshold_stats(x: jax.Array, alive: jax.Array, thresholds: jax.Array,

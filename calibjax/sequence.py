@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from calibjax import errors, selection, truncation
+from calibjax import double_float, errors, selection, truncation
 from calibjax.models.language_model import bucket
 from calibjax.rowwise import map_rows
 from calibjax.tasks import Task
@@ -142,8 +142,9 @@ def _row_valid_probs(z, m, idx, real, specs):
       continue
     p = truncation._softmax_parts(a)[-1]
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-    values = jnp.asarray([specs[k].rules[0][1] for k in members], jnp.float32)
-    x, theta, *_ = truncation._cut(rule, a, m, values)
+    hi, lo = double_float.split([specs[k].rules[0][1] for k in members])
+    x, theta, *_ = truncation._cut(rule, a, m, jnp.asarray(hi), jnp.asarray(lo),
+                                   lambda: double_float.divide(z, t))
     alive = a > -jnp.inf
     kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
     keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real

@@ -42,7 +42,7 @@ import numpy as np
 from flax import struct
 from jax.typing import ArrayLike
 
-from calibjax import dispatch, errors, inputs, selection
+from calibjax import dispatch, double_float, errors, inputs, selection
 from calibjax.rowwise import map_rows, on_input_mesh
 
 RULES = ("top_k", "top_p", "min_p", "typical", "epsilon", "eta", "top_n_sigma")
@@ -208,13 +208,73 @@ def _softmax_parts(a):
   return jax.lax.optimization_barrier((top, total, jnp.log(total), e / total))
 
 
+# A float32 cumulative mass this close to its target is re-decided in double-float arithmetic.
+# The histograms' float32 masses were measured at most 2.0e-7 from float64 (flat and
+# heavy-tailed rows of 262,144 tokens, 32 targets each; BUILD_NOTES): a 20x margin.
+NEAR = 4e-6
+
+
 def _select_value(x, weights, targets, alive):
   """Largest value of ``x`` with weight at or above it ≥ target, clamped to the alive
-  tokens' range (an unreachable target keeps every alive token; the top is always kept)."""
-  key = selection.select(selection.float_key(x), weights, targets)
+  tokens' range (an unreachable target keeps every alive token; the top is always kept).
+  Also whether each float32 decision is near (:data:`NEAR`) its target."""
+  key, above, at_or_above = selection.select(selection.float_key(x), weights, targets,
+                                             with_masses=True)
   lowest = selection.float_key(jnp.min(jnp.where(alive, x, jnp.inf)))
   highest = selection.float_key(jnp.max(jnp.where(alive, x, -jnp.inf)))
-  return selection.key_float(jnp.clip(key, lowest, highest))
+  near = ((at_or_above - targets < NEAR) | (targets - above < NEAR)) & jnp.isfinite(targets)
+  return selection.key_float(jnp.clip(key, lowest, highest)), near
+
+
+def _exact_mass_cut(x, a, alive, theta, near, target):
+  """The cuts ``θ_s`` re-decided exactly where ``near``: the largest value ``c`` of ``x``
+  with ``Σ_{x ≥ c} p ≥ P_s``, ``p ∝ exp(a)`` for the correctly rounded ``a = z / T`` (a
+  callable: computed here only), masses and sums in double-float
+  (:mod:`calibjax.double_float`, ~1e-13 relative), ``P_s = target`` a double-float pair.
+  Starting from the float32 cut, it steps one value up or down while that is wrong."""
+  a = a()
+  top = jnp.max(jnp.where(alive, a, -jnp.inf))
+  a0 = jnp.where(alive, a, top)
+  e = double_float.exp_nonpositive(double_float.two_sum(a0, -top))
+  e = tuple(jnp.where(alive, part, 0.0) for part in e)
+  whole = double_float.total(e)
+
+  up = lambda c: jnp.min(jnp.where(alive & (x > c), x, jnp.inf))
+  down = lambda c: jnp.max(jnp.where(alive & (x < c), x, -jnp.inf))
+
+  def one(args):
+    c, near_s, p_hi, p_lo = args
+
+    def fix(c):
+      need = double_float.mul((p_hi, p_lo), whole)
+
+      def verdict(c):  # (c is too low, c is too high), from M(c) and M(next value up)
+        kept = alive & (x[None, :] >= jnp.stack([c, up(c)])[:, None])
+        m = double_float.total(tuple(jnp.where(kept, part, 0.0) for part in e))
+        enough = double_float.greater_equal(m, need)
+        return enough[1] & jnp.isfinite(up(c)), ~enough[0] & jnp.isfinite(down(c))
+
+      def step(state):
+        c, (low, high) = state
+        c = jnp.where(low, up(c), jnp.where(high, down(c), c))
+        return c, verdict(c)
+
+      return jax.lax.while_loop(lambda s: s[1][0] | s[1][1], step, (c, verdict(c)))[0]
+    return jax.lax.cond(near_s, fix, lambda c: c, c)
+
+  return jax.lax.map(one, (theta, near, *target))
+
+
+def _mass_cut(x, exact_a, alive, p, params, params_lo):
+  """``top_p`` / ``typical``: the largest ``x`` value whose kept mass reaches ``P``; float32
+  selection, then an exact re-decision of the rows' near cuts (only when some cut is near)."""
+  # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do.
+  targets = jnp.where(params >= 1.0, jnp.inf, params)
+  theta, near = _select_value(x, p, targets, alive)
+  return jax.lax.cond(
+      jnp.any(near),
+      lambda: _exact_mass_cut(x, exact_a, alive, theta, near, (targets, params_lo)),
+      lambda: theta)
 
 
 def _score(rule):
@@ -222,10 +282,12 @@ def _score(rule):
   return {"typical": "typical", ORACLE_SET: "valid_or_top"}.get(rule, "logit")
 
 
-def _cut(rule, a, m, params):
+def _cut(rule, a, m, params, params_lo, exact_a):
   """Score ``x [V]``, cuts ``θ [S]``, reported thresholds ``[S]`` and the constants
   ``(c₁, c₂, c₃)`` from which :mod:`kernels.threshold_stats` recomputes ``x`` bit for bit
-  (score :func:`_score`) of ``rule`` on ``a``.
+  (score :func:`_score`) of ``rule`` on ``a``. ``params + params_lo`` is each parameter to
+  double-float precision and ``exact_a()`` the correctly rounded ``a`` (``-inf`` where ``a``
+  is): the mass targets of ``top_p`` and ``typical`` near a cut are decided with them.
 
   Scores derived from ``a`` pass an optimisation barrier before a cut is taken from them, so
   the comparisons ``x ≥ θ`` see the very values ``θ`` was clamped to."""
@@ -235,12 +297,10 @@ def _cut(rule, a, m, params):
   zero = jnp.zeros((), jnp.float32)
   plain = (zero, zero, zero)  # x = (a - 0) - 0 = a
   if rule == "top_k":
-    theta = _select_value(a, alive.astype(jnp.float32), params, alive)
+    theta, _ = _select_value(a, alive.astype(jnp.float32), params, alive)
     return a, theta, as_prob(theta), plain
-  # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do.
-  whole = lambda mass: jnp.where(mass >= 1.0, jnp.inf, mass)
   if rule == "top_p":
-    theta = _select_value(a, p, whole(params), alive)
+    theta = _mass_cut(a, exact_a, alive, p, params, params_lo)
     return a, theta, as_prob(theta), plain
   if rule == "top_n_sigma":
     n_alive = jnp.sum(alive)
@@ -252,7 +312,7 @@ def _cut(rule, a, m, params):
     log_p = a - top - log_total
     entropy = -jnp.sum(jnp.where(alive, p * log_p, 0.0))
     x = jax.lax.optimization_barrier(jnp.where(alive, -jnp.abs(-log_p - entropy), -jnp.inf))
-    theta = _select_value(x, p, whole(params), alive)
+    theta = _mass_cut(x, exact_a, alive, p, params, params_lo)
     return x, theta, -theta, (top, log_total, entropy)
   if rule == ORACLE_RANK:  # params: the oracle cutoff on a, found by truncate_chain
     theta = jnp.minimum(params, top)
@@ -325,7 +385,9 @@ def _n_valid(m):
 
 def _row_truncate(z, m, t, params, rule, keep):
   a = z / t
-  x, theta, reported, _ = _cut(rule, a, m, params)
+  params, params_lo = params[:, 0], params[:, 1]
+  x, theta, reported, _ = _cut(rule, a, m, params, params_lo,
+                               lambda: double_float.divide(z, t))
   p = _softmax_parts(a)[-1]
   alive = a > -jnp.inf
   out = _fields(_sums(x, theta, alive, p, m), _n_valid(m))
@@ -338,7 +400,8 @@ def _row_truncate(z, m, t, params, rule, keep):
 def _row_cut(z, m, t, params, rule, keep):
   """The XLA half of the Pallas path: cuts, the kernel's per-row constants and keep masks."""
   a = z / t
-  x, theta, reported, consts = _cut(rule, a, m, params)
+  x, theta, reported, consts = _cut(rule, a, m, params[:, 0], params[:, 1],
+                                   lambda: double_float.divide(z, t))
   top, total, _, _ = _softmax_parts(a)
   finite, alive_any = _flags(a)
   out = dict(theta=theta, threshold=reported, consts=jnp.stack([t, top, total, *consts]),
@@ -366,7 +429,7 @@ def _truncate_pallas(z, m, t, params, rule, keep):
     if keep:
       out["keep"] = c["keep"]
     out["threshold"] = c["threshold"]
-    return _finish_row(out, c["finite"], c["alive_any"], params.shape[-1])
+    return _finish_row(out, c["finite"], c["alive_any"], params.shape[-2])
 
   out = jax.vmap(assemble)(sums, cut)
   return jax.tree.map(lambda v: v.reshape(z.shape[:-1] + v.shape[1:]), out)
@@ -376,7 +439,9 @@ def _row_chain(z, m, t, params, rules, keep):
   a0 = z / t
   a = a0
   for (rule, _), param in zip(rules, params):
-    x, theta, *_ = _cut(rule, a, m, param[None])
+    survivors = a > -jnp.inf
+    x, theta, *_ = _cut(rule, a, m, param[None, 0], param[None, 1], lambda: jnp.where(
+        survivors, double_float.divide(z, t), -jnp.inf))
     a = jnp.where((x >= theta[0]) & (a > -jnp.inf), a, -jnp.inf)
   p = _softmax_parts(a0)[-1]
   alive0 = a0 > -jnp.inf
@@ -390,7 +455,8 @@ def _row_chain(z, m, t, params, rules, keep):
 
 @functools.partial(jax.jit, static_argnames=("row_fn", "spec", "keep", "squeeze"))
 def _run(z, m, t, params, row_fn, spec, keep, squeeze):
-  """``row_fn`` over every row (or, for ``"pallas"``, the batched kernel path)."""
+  """``row_fn`` over every row (or, for ``"pallas"``, the batched kernel path); ``params``
+  ``[..., S, 2]``: each parameter as a double-float pair (float32 value, remainder)."""
   batch = z.shape[:-1]
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), batch)
   if row_fn == "pallas":
@@ -447,15 +513,24 @@ def truncate(logits: ArrayLike, rule: str, params: ArrayLike | Sweep | None = No
                         mask_required=rule == ORACLE_SET)
   batch = z.shape[:-1]
   if isinstance(params, Sweep):
-    values = jnp.broadcast_to(jnp.asarray(params.values, jnp.float32), batch + (len(params.values),))
+    values = jnp.broadcast_to(_pairs(params.values), batch + (len(params.values), 2))
   else:
-    p = jnp.zeros(()) if params is None else jnp.asarray(params, jnp.float32)
-    if not inputs.broadcasts_to(p.shape, batch):
+    p = _pairs(0.0 if params is None else params)
+    if not inputs.broadcasts_to(p.shape[:-1], batch):
       raise errors.ShapeMismatchError(
-          f"per-row params of shape {p.shape} do not match the rows of logits {z.shape}.")
-    values = jnp.broadcast_to(p, batch)[..., None]
+          f"per-row params of shape {p.shape[:-1]} do not match the rows of logits {z.shape}.")
+    values = jnp.broadcast_to(p, batch + (2,))[..., None, :]
   return _run(z, m, temperature, values, row_fn, rule, bool(return_keep),
               not isinstance(params, Sweep))
+
+
+def _pairs(values) -> jax.Array:
+  """Parameters as ``[..., 2]`` double-float pairs: host numbers keep their float64 value
+  (τ = 0.95 is not float32(0.95) for the mass targets); jax arrays are float32 already."""
+  if isinstance(values, jax.Array):
+    v = values.astype(jnp.float32)
+    return jnp.stack([v, jnp.zeros_like(v)], axis=-1)
+  return jnp.stack([jnp.asarray(part) for part in double_float.split(values)], axis=-1)
 
 
 @on_input_mesh
@@ -485,8 +560,8 @@ def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[st
     from calibjax import oracle  # oracle uses this module
     o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid)
     t_rows = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:-1])
-    params = jnp.where(o.defined, o.z_star / t_rows, -jnp.inf)[..., None]
+    params = _pairs(jnp.where(o.defined, o.z_star / t_rows, -jnp.inf)[..., None])
   else:
-    params = jnp.asarray([0.0 if v is None else v for _, v in s.rules], jnp.float32)
+    params = _pairs([0.0 if v is None else v for _, v in s.rules])
     params = jnp.broadcast_to(params, z.shape[:-1] + params.shape)
   return _run(z, m, t, params, _row_chain, tuple(s.rules), bool(return_keep), True)
