@@ -178,7 +178,8 @@ class Truncation:
       ``|−log p − H|``) and ``oracle_set`` (NaN); see ``docs/semantics.md``.
     kept_count: tokens kept (float32, exact); kept_mass: their mass under ``softmax(z / T)``.
     kept_valid / kept_invalid: valid / invalid tokens kept; n_valid: valid tokens in the row
-      (kept or not); precision = kept_valid / kept_count; recall = kept_valid / n_valid; validity = p(kept ∩ valid) / p(kept);
+      (kept or not); precision = kept_valid / kept_count; recall = kept_valid / n_valid;
+      validity = p(kept ∩ valid) / p(kept);
       kept_valid_entropy: entropy of the kept valid tokens' renormalised distribution.
       (None without ``valid_mask``.)
     finite: the row has no NaN/+inf and some logit > -inf.
@@ -268,8 +269,9 @@ def _exact_mass_cut(x, a, alive, theta, near, target):
 def _mass_cut(x, exact_a, alive, p, params, params_lo):
   """``top_p`` / ``typical``: the largest ``x`` value whose kept mass reaches ``P``; float32
   selection, then an exact re-decision of the rows' near cuts (only when some cut is near)."""
-  # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do.
-  targets = jnp.where(params >= 1.0, jnp.inf, params)
+  # P = 1 (τ = 1) keeps every token of positive probability: exact, whatever float32 sums do
+  # (a P just below 1 that float32 rounds to 1 has a negative remainder: decided exactly).
+  targets = jnp.where((params >= 1.0) & (params_lo >= 0.0), jnp.inf, params)
   theta, near = _select_value(x, p, targets, alive)
   return jax.lax.cond(
       jnp.any(near),
