@@ -1,4 +1,6 @@
-"""Writing results files: atomic (temp file + rename), deterministic JSON that diffs well."""
+"""Writing results files: atomic (temp file + rename), deterministic JSON that diffs well; an
+output folder held by one run at a time (:class:`OutputLock`); finished work items that a
+resumed run reuses only under the same settings (:class:`ItemStore`)."""
 
 from __future__ import annotations
 

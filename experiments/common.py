@@ -89,14 +89,15 @@ class Run:
       with other settings (named).
   """
 
-  def __init__(self, name: str, *, uses: tuple[str, ...] = ()):
+  def __init__(self, name: str, *, uses: tuple[str, ...] = (), heads: tuple[str, ...] = ()):
     """``name``: the binary (``experiments.<name>``); ``uses``: other binaries whose flags
-    it reads (they are settings of this run too)."""
+    it reads (they are settings of this run too); ``heads``: head folders it reads besides
+    ``--head`` (compared by content, like ``--head``)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     self.name, self.out, self.started = name, OUT.value, time.time()
     self.binaries = (name,) + tuple(uses)
     self.tasks = load_tasks()
-    settings = self.settings()
+    settings = self.settings(heads)
     self.lock = results.OutputLock(self.out)
     try:
       self.items = results.ItemStore(self.out, RESUME.value, settings)
@@ -104,17 +105,17 @@ class Run:
       self.lock.release()
       raise
 
-  def settings(self) -> dict:
-    """What changes this run's results: its flags, the model and head as they are on disk,
+  def settings(self, heads: tuple[str, ...] = ()) -> dict:
+    """What changes this run's results: its flags, the model and heads as they are on disk,
     the package version and each task's content."""
     from importlib import metadata
     from calibjax.models import checkpoint
-    head = None
-    if HEAD.value:
-      head = f"{os.path.abspath(HEAD.value)} ({checkpoint.digest(HEAD.value) or 'no head'})"
+    on_disk = lambda path: f"{os.path.abspath(path)} ({checkpoint.digest(path) or 'no head'})"
     return {"binary": self.name,
             **{k: v for k, v in flag_values(self.binaries).items() if k not in _OPERATIONAL},
-            "model": models.source_id(MODEL.value), "head": head,
+            "model": models.source_id(MODEL.value),
+            "head": on_disk(HEAD.value) if HEAD.value else None,
+            **({"heads": [on_disk(h) for h in heads]} if heads else {}),
             "calibjax": metadata.version("calibjax"),
             "tasks": {t.name: t.fingerprint() for t in self.tasks}}
 

@@ -11,7 +11,7 @@ path_prob, order and shape metrics, group masses per temperature, precision/reca
 per cutoff), ``summary.json`` (per task: path-weighted means, the root record),
 ``shape.png`` and ``order.png`` (the paper's two figures, drawn from ``summary.json``),
 ``report.md`` (the findings in numbers), ``manifest.json``; ``items/`` holds each finished
-task, so ``--resume`` continues an interrupted run.
+task, so ``--resume`` continues an interrupted run; ``run.json`` records the settings a ``--resume`` must match (it refuses others, naming them).
 """
 
 import os

@@ -12,7 +12,8 @@ coverage@1/10/N, entropy, KL to the target, answer probabilities; per-family Par
 the table below; the ideal point), ``frontier.png`` (one panel per task, drawn from
 ``frontier.json``), ``table.md`` (each family's best coverage@N at seq_validity ≥ 0.9 / 0.95 /
 0.99 and its oracle gap), with ``--mc_samples`` a Monte Carlo check of each family's best
-sampler at 0.95 (``mc_check``), ``manifest.json``; ``items/`` for ``--resume``.
+sampler at 0.95 (``mc_check``), ``manifest.json``; ``items/`` for ``--resume``;
+``run.json`` records the settings a ``--resume`` must match (it refuses others, naming them).
 """
 
 import os

@@ -14,7 +14,8 @@ KL(u‖q), valid mass on the tasks' canonical-path positions, base and each head
 KL per head; per task the best coverage@N at seq_validity ≥ 0.95 of the base model's
 heuristic samplers, of each head's, and of oracle_set; the relative gain and the target
 check), ``report.md``, ``coverage.png``, ``frontiers.json``, ``manifest.json``; ``items/`` for
-``--resume``. The frontier sweeps take ``experiments.frontier``'s flags.
+``--resume``; ``run.json`` records the settings a ``--resume`` must match (it refuses others, naming them).
+The frontier sweeps take ``experiments.frontier``'s flags.
 """
 
 import os
@@ -79,7 +80,8 @@ def report_markdown(rep: dict) -> str:
 @common.on_mesh
 def run() -> dict:
   cfg = frontier_binary.config()
-  with common.Run("head_report", uses=("frontier",)) as job:
+  paths = tuple(item.partition("=")[2] for item in _HEAD_DIRS.value)
+  with common.Run("head_report", uses=("frontier",), heads=paths) as job:
     lm = common.load_model()
     models = {"base": None, **heads(lm)}
     embed = lm.embedding()

@@ -13,7 +13,7 @@ reason: valid / wrong / early_eos / no_terminator), ``metrics.json`` (per task: 
 with its 99% Wilson interval, distinct answers and empirical coverage, the answer histogram
 with intervals), ``manifest.json``; ``items/`` holds finished batches (each with its own key,
 ``fold_in(key(seed), batch)``), so ``--resume`` continues an interrupted run with the same
-samples.
+samples; ``run.json`` records the settings a ``--resume`` must match (it refuses others, naming them).
 """
 
 import os

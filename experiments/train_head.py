@@ -15,7 +15,9 @@ Expected output in ``--out``: ``data/{train,eval,keep}.npz`` (cached positions: 
 states, valid ids, targets), ``metrics.jsonl`` (loss parts per step, ``eval_*`` every
 ``--eval_every``), ``checkpoints/step_N`` (``--max_to_keep`` of them), ``head/`` (the trained
 head: pass it to ``diagnose``/``frontier``/``sample`` as ``--head``), ``manifest.json``.
-``--resume`` continues from the newest checkpoint with the losses an uninterrupted run has.
+``--resume`` continues from the newest intact checkpoint (a partial one, e.g. from a run killed
+inside a save, is skipped and named) with the losses an uninterrupted run has; ``run.json``
+records the settings it must be resumed with.
 """
 
 import os
