@@ -3,8 +3,8 @@
 float32 cannot settle (SPEC §4: a cumulative mass within float32 rounding of a top-p or
 typical τ), on every backend, without float64.
 
-Pairs ``(hi, lo)`` are normalised (``|lo| ≤ ulp(hi) / 2``) so that they compare
-lexicographically. Rounding is IEEE round-to-nearest. XLA does not reassociate float
+Pairs ``(hi, lo)`` are normalised (``|lo| ≤ ulp(hi) / 2``), so that the sign of a
+difference is the sign of its ``hi``. Rounding is IEEE round-to-nearest. XLA does not reassociate float
 arithmetic, but the CPU backend contracts a product and a sum into one fused multiply-add,
 which would feed a sum the unrounded product while the correction term sees the rounded one:
 every operand of an error-free transformation passes an optimisation barrier first (tested
@@ -105,12 +105,6 @@ def add(x: DD, y: DD) -> DD:
 def mul(x: DD, y: DD) -> DD:
   p, e = two_prod(x[0], y[0])
   return _fast_two_sum(p, e + (x[0] * y[1] + x[1] * y[0]))
-
-
-def greater_equal(x: DD, y: DD) -> jax.Array:
-  """``x ≥ y`` for normalised pairs."""
-  d = add(x, (-y[0], -y[1]))
-  return d[0] >= 0
 
 
 def total(x: DD) -> DD:

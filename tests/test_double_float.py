@@ -45,7 +45,9 @@ def test_exp_sum_product_and_compare_against_float64():
   x, y = rng.normal(size=100), rng.normal(size=100)
   np.testing.assert_allclose(value(jax.jit(df.mul)(df.split(x), df.split(y))), x * y,
                              rtol=1e-13)
-  hi, lo = df.split([0.95, 0.95, 0.95])
-  bigger = (hi, lo + np.float32([1e-15, 0, -1e-15]))
-  assert np.asarray(df.greater_equal(bigger, (hi, lo))).tolist() == [True, True, False]
+  np.testing.assert_allclose(value(jax.jit(df.add)(df.split(x), df.split(y))), x + y,
+                             rtol=1e-13)
+  hi, lo = df.split(0.95)
+  nudged = (hi, np.nextafter(lo, np.float32(1)))  # 0.95 + 8e-16: far below float32 resolution
+  assert value(df.add(nudged, (-hi, -lo))) == float(np.nextafter(lo, np.float32(1))) - float(lo)
   assert abs(value(df.split(0.95)) - 0.95) < 1e-15  # float32(0.95) alone is 1.2e-8 off
