@@ -4,11 +4,11 @@ float32 cannot settle (SPEC §4: a cumulative mass within float32 rounding of a 
 typical τ), on every backend, without float64.
 
 Pairs ``(hi, lo)`` are normalised (``|lo| ≤ ulp(hi) / 2``), so that the sign of a
-difference is the sign of its ``hi``. Rounding is IEEE round-to-nearest. XLA does not reassociate float
-arithmetic, but the CPU backend contracts a product and a sum into one fused multiply-add,
-which would feed a sum the unrounded product while the correction term sees the rounded one:
-every operand of an error-free transformation passes an optimisation barrier first (tested
-against float64 NumPy, inside larger jitted computations too).
+difference is the sign of its ``hi``. Rounding is IEEE round-to-nearest. XLA does not
+reassociate float arithmetic, but the CPU backend contracts a product and a sum into one
+fused multiply-add, which would feed a sum the unrounded product while the correction term
+sees the rounded one: every operand of an error-free transformation passes an optimisation
+barrier first (tested against float64 NumPy, inside larger jitted computations too).
 """
 
 from __future__ import annotations
