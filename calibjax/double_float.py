@@ -21,6 +21,7 @@ DD = tuple  # (hi, lo)
 
 _SPLIT = np.float32(4097.0)  # 2^12 + 1: Dekker's split of a 24-bit significand
 _EXP_STEPS = 64               # exp(r) reduced by a table of 2^(j/64)
+_HALVING_DOWN_TO = 256  # total(): vectorised halving, then a variadic reduction
 _LN2_64 = np.log(2.0) / _EXP_STEPS
 
 
@@ -55,17 +56,19 @@ def split(value) -> DD:
   return hi, (v - hi.astype(np.float64)).astype(np.float32)
 
 
-def two_sum(a, b) -> DD:
-  """``a + b`` exactly (Knuth)."""
-  a, b = _fixed((a, b))
+def two_sum(a, b, fixed: bool = True) -> DD:
+  """``a + b`` exactly (Knuth); ``fixed=False`` when neither operand holds a product."""
+  if fixed:
+    a, b = _fixed((a, b))
   s = a + b
   bb = s - a
   return s, (a - (s - bb)) + (b - bb)
 
 
-def _fast_two_sum(a, b) -> DD:
+def _fast_two_sum(a, b, fixed: bool = True) -> DD:
   """``a + b`` exactly when ``|a| ≥ |b|`` (or a = 0)."""
-  a, b = _fixed((a, b))
+  if fixed:
+    a, b = _fixed((a, b))
   s = a + b
   return s, b - (s - a)
 
@@ -97,9 +100,9 @@ def divide(a, b) -> jax.Array:
   return jnp.where(jnp.isfinite(q) & (b != 0), q + r / b, q)
 
 
-def add(x: DD, y: DD) -> DD:
-  s, e = two_sum(x[0], y[0])
-  return _fast_two_sum(s, e + (x[1] + y[1]))
+def add(x: DD, y: DD, fixed: bool = True) -> DD:
+  s, e = two_sum(x[0], y[0], fixed)
+  return _fast_two_sum(s, e + (x[1] + y[1]), fixed)
 
 
 def mul(x: DD, y: DD) -> DD:
@@ -108,16 +111,20 @@ def mul(x: DD, y: DD) -> DD:
 
 
 def total(x: DD) -> DD:
-  """Σ over the last axis, by pairwise double-float addition (vectorised halving)."""
-  hi, lo = x
+  """Σ over the last axis in double-float: vectorised pairwise halving down to 256 terms,
+  then one variadic reduction. Few kernels on purpose: only sums follow the one barrier on
+  the input, and each compiled kernel costs the process memory mappings (Linux allows
+  65,530; a test worker that compiles hundreds of programs hits that)."""
+  hi, lo = _fixed(x)
   n = hi.shape[-1]
   size = 1 << max(n - 1, 0).bit_length()
   pad = [(0, 0)] * (hi.ndim - 1) + [(0, size - n)]
   hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)
-  while size > 1:
+  while size > _HALVING_DOWN_TO:
     size //= 2
     hi, lo = add((hi[..., :size], lo[..., :size]), (hi[..., size:], lo[..., size:]))
-  return hi[..., 0], lo[..., 0]
+  zero = jnp.zeros((), hi.dtype)
+  return jax.lax.reduce((hi, lo), (zero, zero), lambda x, y: add(x, y, False), (hi.ndim - 1,))
 
 
 def exp_nonpositive(d: DD) -> DD:
