@@ -30,8 +30,9 @@ setup(
     version="0.1.0",
     description="Validity–diversity calibration of language models, in JAX",
     python_requires=">=3.12",
-    packages=find_packages(include=["calibjax", "calibjax.*", "kernels", "kernels.*"]),
-    package_data={"calibjax": ["task_suite/*.json"]},
+    packages=find_packages(include=["calibjax", "calibjax.*"]) + ["calibjax_kernels"],
+    package_dir={"calibjax_kernels": "kernels"},
+    package_data={"calibjax.tasks": ["builtin/*.json"]},
     install_requires=STACK,
     extras_require={
         # nbclient + ipykernel: the test that runs the quickstart notebook headless

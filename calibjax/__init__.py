@@ -1,31 +1,49 @@
 """calibjax: validity–diversity calibration of language models, in JAX.
 
-The public API: order metrics (SPEC §1), shape metrics (§2), calibration error (§3),
-truncation samplers (§4), oracle cutoffs (§5), ``calibjax.models`` (Gemma 3 from GGUF or
-safetensors), ``calibjax.tasks`` (known-valid-set tasks, SPEC §6) and ``calibjax.validity``
-(their token-validity masks), ``calibjax.sequence`` (exact and Monte Carlo answer
-probabilities), ``calibjax.diagnostics`` and ``calibjax.frontier`` (what the experiment
-binaries compute) and ``calibjax.plots`` (their figures, from the JSON results).
-Definitions: SPEC.md and docs/semantics.md.
+``import calibjax`` gives the array core (:mod:`calibjax.core`): order metrics (SPEC §1),
+shape metrics (§2), calibration error (§3), truncation samplers (§4) and oracle cutoffs
+(§5), pure functions over whole-vocabulary logits. The layers above load when first used:
+``calibjax.tasks`` (known-valid-set tasks and their token-validity masks, §6),
+``calibjax.models`` (language models from GGUF or safetensors), ``calibjax.sequence`` (exact
+and Monte Carlo answer probabilities), ``calibjax.recalibration`` (heads),
+``calibjax.analysis`` (diagnostics, frontiers, oracle gaps, figures) and
+``calibjax.testing`` (float64 references). Definitions: SPEC.md and docs/semantics.md; the
+layers: docs/architecture.md.
 """
 
-from calibjax import diagnostics, errors, frontier, models, plots, sequence, tasks, validity
-from calibjax.calibration import (DistributionalCalibration, ProperScores, Reliability,
-                                  distributional_calibration, full_ece, proper_scores,
-                                  top_label_ece)
-from calibjax.inputs import check_logits
-from calibjax.oracle import OracleCutoff, OracleGap, oracle_cutoff, oracle_gap
-from calibjax.order import CutoffCurve, OrderStats, cutoff_curve, order_stats, recall_at_precision
-from calibjax.shape import GroupMasses, RowStats, ShapeStats, group_masses, row_stats, shape_stats
-from calibjax.truncation import RULES, Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
+import importlib
+
+from calibjax import errors
+from calibjax.core.calibration import (DistributionalCalibration, ProperScores, Reliability,
+                                       distributional_calibration, full_ece, proper_scores,
+                                       top_label_ece)
+from calibjax.core.inputs import check_logits
+from calibjax.core.oracle import OracleCutoff, oracle_cutoff
+from calibjax.core.order import (CutoffCurve, OrderStats, cutoff_curve, order_stats,
+                                 recall_at_precision)
+from calibjax.core.rules import REGISTRY, RULES, Rule
+from calibjax.core.shape import (GroupMasses, RowStats, ShapeStats, group_masses, row_stats,
+                                 shape_stats)
+from calibjax.core.truncation import Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
+
+SUBPACKAGES = ("analysis", "models", "recalibration", "sequence", "tasks", "testing")
+_LAZY = {"OracleGap": "calibjax.analysis.gaps", "oracle_gap": "calibjax.analysis.gaps"}
 
 __all__ = [
-    "diagnostics", "errors", "frontier", "models", "plots", "sequence", "tasks", "validity",
-    "check_logits",
+    *SUBPACKAGES, "errors", "check_logits",
     "OrderStats", "order_stats", "recall_at_precision", "CutoffCurve", "cutoff_curve",
     "ShapeStats", "shape_stats", "GroupMasses", "group_masses", "RowStats", "row_stats",
     "Reliability", "top_label_ece", "full_ece", "ProperScores", "proper_scores",
     "DistributionalCalibration", "distributional_calibration",
-    "RULES", "Sampler", "Sweep", "Truncation", "sweep", "truncate", "truncate_chain",
-    "OracleCutoff", "oracle_cutoff", "OracleGap", "oracle_gap",
+    "REGISTRY", "RULES", "Rule", "Sampler", "Sweep", "Truncation", "sweep", "truncate",
+    "truncate_chain", "OracleCutoff", "oracle_cutoff", "OracleGap", "oracle_gap",
 ]
+
+
+def __getattr__(name: str):
+  """The layers above the array core, imported on first use (PEP 562)."""
+  if name in SUBPACKAGES:
+    return importlib.import_module(f"calibjax.{name}")
+  if name in _LAZY:
+    return getattr(importlib.import_module(_LAZY[name]), name)
+  raise AttributeError(f"module 'calibjax' has no attribute {name!r}")

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 
 def _plain(x: Any, strings: bool = True) -> Any:
@@ -40,14 +40,21 @@ def write_json_atomic(path: str, data: Any) -> str:
 def write_text_atomic(path: str, text: str) -> str:
   """Writes ``text`` to ``path`` atomically (process 0 only, see :func:`is_writer`); returns
   ``path``."""
+  return write_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], Any]) -> str:
+  """The one atomic writer of results files: ``write(f)`` fills a temporary file beside
+  ``path``, which then replaces ``path`` in one step (a reader sees the old file or the new
+  one, never a part). Process 0 only (see :func:`is_writer`); returns ``path``."""
   if not is_writer():
     return path
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      write(f)
     os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
     os.replace(tmp, path)
   except BaseException:

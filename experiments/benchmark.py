@@ -22,7 +22,7 @@ Expected output: tables of times (ms) and ratios, and two files:
   enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time,
   nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
   ``mc1000_one_sampler_over_exact_64_samplers``;
-- ``kernels.json`` (section ``kernels``, not run by default; for an accelerator:
+- ``calibjax_kernels.json`` (section ``kernels``, not run by default; for an accelerator:
   ``python -m experiments.benchmark --sections=kernels``): per dtype (float32, bfloat16) at
   ``--kernel_shape`` (256 × 262,144) the copy bandwidth and, per kernel, ``read_once_ms``
   (bytes read / that bandwidth), ``kernel_ms`` (the backend's variant, compiled),
@@ -37,7 +37,7 @@ import os
 
 from absl import app, flags, logging
 
-from calibjax import benchmarking
+from experiments import benchmarking
 from calibjax.results import write_json_atomic
 
 _OUT = flags.DEFINE_string("out", "results/benchmark", "Output folder.")

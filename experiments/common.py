@@ -1,12 +1,8 @@
-"""Flags shared by the experiment binaries, and the run scaffolding they share: loading the
-model and tasks named on the command line (with errors that list the valid choices), the
-output folder (one run at a time), its item store (``--resume``, refused when a setting that
-changes results differs), figures, the manifest, and one-line user errors.
-
-Flags: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf`` file or a Hugging Face
-directory), ``--task`` (repeatable: a built-in name, a task file path, or ``all``), ``--out``,
-``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``, ``--head``, ``--mesh``,
-``--distributed`` (with ``--coordinator_address``, ``--num_processes``, ``--process_id``).
+"""The run scaffolding the experiment binaries share (their shared flags:
+:mod:`experiments.shared_flags`): the model, head and tasks named on the command line (loaded
+once per run, with errors that list the valid choices), the output folder (one run at a
+time), its item store (``--resume``: the one resume loop, refused when a setting that changes
+results differs), figures, the manifest, and one-line user errors.
 """
 
 from __future__ import annotations
@@ -19,30 +15,11 @@ import time
 import jax
 from absl import flags, logging
 
-from calibjax import errors, models, plots, results, sharding, tasks
-
-MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model name, .gguf file or HF directory.")
-TASK = flags.DEFINE_multi_string("task", ["us_states"],
-                                 "Task name, task file path, or 'all' (repeatable).")
-OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
-SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Tree nodes or samples per model call.")
-RESUME = flags.DEFINE_bool("resume", False, "Continue a run in --out, skipping finished items.")
-CACHE_DIR = flags.DEFINE_string("cache_dir", None,
-                                "Model and validity-index cache (default ~/.cache/calibjax).")
-HEAD = flags.DEFINE_string("head", None, "A trained recalibration head (the head/ folder of "
-                           "experiments.train_head), applied to the model's logits.")
-MESH = flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:8 or data:4,model:2 (all "
-                           "devices): every row function runs data-parallel over 'data'.")
-DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "One of several processes (TPU pod slice, multi-GPU hosts, SLURM, "
-    "Open MPI): calls jax.distributed.initialize(); the cluster is detected, or described by "
-    "--coordinator_address, --num_processes and --process_id. Only process 0 writes.")
-COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                  "host:port of process 0 (with --distributed).")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes (with --distributed).")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process (with --distributed).")
-
+from calibjax import errors, models, results, tasks
+from calibjax.analysis import plots
+from calibjax.core import sharding
+from experiments.shared_flags import (CACHE_DIR, COORDINATOR, DISTRIBUTED, GROUPS, HEAD, MESH,
+                                      MODEL, NUM_PROCESSES, OUT, PROCESS_ID, RESUME, TASK)
 
 def on_mesh(run):
   """Runs a binary's ``run()`` as one of ``--distributed`` processes (if asked) and under the
@@ -64,16 +41,17 @@ _OPERATIONAL = {"out", "resume", "cache_dir", "task", "model", "head", "distribu
                 "coordinator_address", "num_processes", "process_id"}
 
 
-def flag_values(binaries: tuple[str, ...]) -> dict:
-  """Every flag of this module and of the binaries ``binaries`` (module names under
-  ``experiments``, e.g. ``("head_report", "frontier")``), by name — the same whether the
-  binary runs as ``python -m`` (absl then files its flags under ``sys.argv[0]``) or is
-  imported beside others (tests)."""
-  names = {f"experiments.{b}" for b in ("common",) + binaries}
+def flag_values(binary: str, groups: tuple[str, ...] = ()) -> dict:
+  """Every flag of the binary ``binary`` (a module name under ``experiments``), of the general
+  shared flags and of the shared ``groups`` it uses (see :mod:`experiments.shared_flags`), by
+  name — the same whether the binary runs as ``python -m`` (absl then files its flags under
+  ``sys.argv[0]``) or is imported beside others (tests)."""
   main = os.path.splitext(os.path.basename(sys.argv[0]))[0]
   values = {}
+  for group in ("general",) + tuple(groups):
+    values.update({f.name: f.value for f in GROUPS[group]})
   for module, defined in flags.FLAGS.flags_by_module_dict().items():
-    if module in names or (module == sys.argv[0] and main in binaries):
+    if module == f"experiments.{binary}" or (module == sys.argv[0] and main == binary):
       values.update({f.name: f.value for f in defined})
   return values
 
@@ -89,14 +67,16 @@ class Run:
       with other settings (named).
   """
 
-  def __init__(self, name: str, *, uses: tuple[str, ...] = (), heads: tuple[str, ...] = ()):
-    """``name``: the binary (``experiments.<name>``); ``uses``: other binaries whose flags
-    it reads (they are settings of this run too); ``heads``: head folders it reads besides
-    ``--head`` (compared by content, like ``--head``)."""
+  def __init__(self, name: str, *, groups: tuple[str, ...] = (), heads: tuple[str, ...] = ()):
+    """``name``: the binary (``experiments.<name>``); ``groups``: the shared flag groups it
+    reads besides the general one (they are settings of this run too); ``heads``: head folders
+    it reads besides ``--head`` (compared by content, like ``--head``)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save/restore at INFO
     self.name, self.out, self.started = name, OUT.value, time.time()
-    self.binaries = (name,) + tuple(uses)
+    self.groups = tuple(groups)
     self.tasks = load_tasks()
+    self.validity_cache = os.path.join(CACHE_DIR.value or models.default_cache_dir(), "validity")
+    self._model = self._head = None
     settings = self.settings(heads)
     self.lock = results.OutputLock(self.out)
     try:
@@ -112,12 +92,34 @@ class Run:
     from calibjax.models import checkpoint
     on_disk = lambda path: f"{os.path.abspath(path)} ({checkpoint.digest(path) or 'no head'})"
     return {"binary": self.name,
-            **{k: v for k, v in flag_values(self.binaries).items() if k not in _OPERATIONAL},
+            **{k: v for k, v in flag_values(self.name, self.groups).items()
+               if k not in _OPERATIONAL},
             "model": models.source_id(MODEL.value),
             "head": on_disk(HEAD.value) if HEAD.value else None,
             **({"heads": [on_disk(h) for h in heads]} if heads else {}),
             "calibjax": metadata.version("calibjax"),
             "tasks": {t.name: t.fingerprint() for t in self.tasks}}
+
+  def model(self):
+    """The ``--model``, loaded on first use (a resumed run with nothing left to compute never
+    loads it)."""
+    if self._model is None:
+      self._model = load_model()
+    return self._model
+
+  def head(self):
+    """The ``--head`` bound to the model (loaded and compiled once per run), or None."""
+    if HEAD.value and self._head is None:
+      from calibjax import recalibration
+      self._head = recalibration.load(HEAD.value, self.model())
+    return self._head
+
+  def item(self, key: str, compute):
+    """The result ``key`` of this run: computed by ``compute()`` and saved, or, when a
+    ``--resume`` finds it finished, read back (the one resume loop of every binary)."""
+    if not self.items.done(key):
+      self.items.save(key, compute())
+    return self.items.load(key)
 
   def __enter__(self) -> "Run":
     return self
@@ -127,7 +129,8 @@ class Run:
 
   def finish(self, **extra) -> None:
     """Writes ``manifest.json``: every flag of the binary and of this module, and ``extra``."""
-    results.write_manifest(self.out, {"binary": self.name, **flag_values(self.binaries)},
+    results.write_manifest(self.out, {"binary": self.name,
+                                      **flag_values(self.name, self.groups)},
                            self.started, **extra)
 
   def figure(self, draw, data, filename: str) -> str:
@@ -177,13 +180,3 @@ def load_model():
   if mesh is not None and sharding.MODEL not in mesh.axis_names:
     mesh = None
   return models.load(MODEL.value, cache_dir=CACHE_DIR.value, mesh=mesh)
-
-
-def load_head(lm):
-  """The ``--head`` recalibration head bound to ``lm``, or None."""
-  from calibjax import recalibration
-  return recalibration.load(HEAD.value, lm) if HEAD.value else None
-
-
-def validity_cache() -> str:
-  return os.path.join(CACHE_DIR.value or models.default_cache_dir(), "validity")

@@ -18,8 +18,9 @@ import os
 
 from absl import app, flags
 
-from calibjax import diagnostics, plots, results
-from experiments import common
+from calibjax.analysis import diagnostics, plots
+from calibjax import results
+from experiments import common, shared_flags
 
 _FLOOR = flags.DEFINE_float("floor", 1e-3, "Visit tree nodes with path probability >= floor.")
 _MAX_NODES = flags.DEFINE_integer("max_nodes", 400, "At most this many nodes per task.")
@@ -34,7 +35,7 @@ def config() -> diagnostics.DiagnoseConfig:
     return diagnostics.DiagnoseConfig(
         floor=_FLOOR.value, max_nodes=_MAX_NODES.value,
         temperatures=tuple(float(t) for t in _TEMPERATURES.value),
-        cutoffs=tuple(int(c) for c in _CUTOFFS.value), batch_size=common.BATCH_SIZE.value)
+        cutoffs=tuple(int(c) for c in _CUTOFFS.value), batch_size=shared_flags.BATCH_SIZE.value)
   except ValueError as e:
     raise app.UsageError(f"--shape_temperatures / --cutoffs: {e}") from None
 
@@ -44,14 +45,9 @@ def run() -> dict:
   """Runs (or resumes) the diagnostics and writes every output; returns the summaries."""
   cfg = config()
   with common.Run("diagnose") as job:
-    lm = None
-    items = {}
-    for task in job.tasks:
-      if not job.items.done(task.name):
-        lm = lm or common.load_model()
-        job.items.save(task.name, diagnostics.diagnose_task(
-            lm, task, cfg, head=common.load_head(lm), cache_dir=common.validity_cache()))
-      items[task.name] = job.items.load(task.name)
+    items = {task.name: job.item(task.name, lambda: diagnostics.diagnose_task(
+        job.model(), task, cfg, head=job.head(), cache_dir=job.validity_cache))
+             for task in job.tasks}
     out = job.out
     records = [{"task": name, **node} for name, item in items.items() for node in item["nodes"]]
     results.write_text_atomic(os.path.join(out, "positions.jsonl"), results.jsonl(records))
@@ -68,7 +64,8 @@ def run() -> dict:
 @common.main
 def main():
   run()
-  print(f"wrote {common.OUT.value}: positions.jsonl summary.json shape.png order.png report.md")
+  print(f"wrote {shared_flags.OUT.value}: positions.jsonl summary.json shape.png order.png "
+        "report.md")
 
 
 if __name__ == "__main__":

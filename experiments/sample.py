@@ -22,58 +22,42 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from calibjax import results, sequence, truncation
-from experiments import common
+from calibjax import results, sequence
+from calibjax.core import truncation
+from experiments import common, shared_flags
 
 _SAMPLER = flags.DEFINE_string("sampler", "t=1", "The sampler, e.g. 'top_p=0.9,t=1.5'.")
 _N = flags.DEFINE_integer("n", 1000, "Samples per task.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 16, "Decoding limit per sample.")
 
 
-def metrics(task, texts, answers, reasons) -> dict:
-  n = len(texts)
-  answers = np.asarray([-1 if a is None else a for a in answers])
-  counts = np.bincount(answers[answers >= 0], minlength=len(task.answers))
-  valid = int(counts.sum())
-  ci = sequence.wilson(counts, n)
-  return {
-      "n": n, "seq_validity": valid / n, "seq_validity_ci99": sequence.wilson(valid, n).tolist(),
-      "distinct_answers": int((counts > 0).sum()),
-      "coverage": float((counts > 0).sum() / len(task.answers)),
-      "reasons": {r: reasons.count(r) for r in sorted(set(reasons))},
-      "answers": {a: {"count": int(c), "ci99": ci[i].tolist()}
-                  for i, (a, c) in enumerate(zip(task.answers, counts))}}
-
-
 @common.on_mesh
 def run() -> dict:
   spec = str(truncation.Sampler.parse(_SAMPLER.value))
   with common.Run("sample") as job:
-    lm = None
-    batch = common.BATCH_SIZE.value
+    batch, n = shared_flags.BATCH_SIZE.value, _N.value
     per_task, records = {}, []
     for task in job.tasks:
-      texts, answers, reasons = [], [], []
-      for b, start in enumerate(range(0, _N.value, batch)):
-        key = f"{task.name}-{b:05d}"
-        if not job.items.done(key):
-          lm = lm or common.load_model()
-          mc = sequence.sample(lm, task, spec, min(batch, _N.value - start),
-                               jax.random.fold_in(jax.random.key(common.SEED.value), b),
-                               max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
-                               head=common.load_head(lm), cache_dir=common.validity_cache(),
-                               progress=False)
-          job.items.save(key, {
-              "texts": [t.decode("utf-8", "replace") for t in mc.texts],
-              "answers": [None if a < 0 else int(a) for a in mc.answer],
-              "reasons": list(mc.reason)})
-        item = job.items.load(key)
-        texts += item["texts"]
-        answers += item["answers"]
-        reasons += item["reasons"]
+
+      def draw(b, start):  # batch b: its own key, so a resumed run draws the same samples
+        mc = sequence.sample(job.model(), task, spec, min(batch, n - start),
+                             jax.random.fold_in(jax.random.key(shared_flags.SEED.value), b),
+                             max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
+                             head=job.head(), cache_dir=job.validity_cache, progress=False)
+        return {"texts": [t.decode("utf-8", "replace") for t in mc.texts],
+                "answers": [None if a < 0 else int(a) for a in mc.answer],
+                "reasons": list(mc.reason)}
+
+      items = [job.item(f"{task.name}-{b:05d}", lambda: draw(b, start))
+               for b, start in enumerate(range(0, n, batch))]
+      texts = [t for item in items for t in item["texts"]]
+      answers = [a for item in items for a in item["answers"]]
+      reasons = [r for item in items for r in item["reasons"]]
       records += [{"task": task.name, "text": t, "answer": None if a is None else task.answers[a],
                    "reason": r} for t, a, r in zip(texts, answers, reasons)]
-      per_task[task.name] = {"sampler": spec, **metrics(task, texts, answers, reasons)}
+      mc = sequence.summarise(spec, task.answers, texts,
+                              np.array([-1 if a is None else a for a in answers]), reasons)
+      per_task[task.name] = {"sampler": spec, **sequence.record(mc)}
     results.write_text_atomic(os.path.join(job.out, "samples.jsonl"), results.jsonl(records))
     results.write_json_atomic(os.path.join(job.out, "metrics.json"), per_task)
     job.finish(tasks=list(per_task))

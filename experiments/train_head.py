@@ -25,8 +25,9 @@ import os
 import jax
 from absl import app, flags
 
-from calibjax import errors, head_training as ht, recalibration
-from experiments import common
+from calibjax import errors, progress, recalibration
+from calibjax.recalibration import training as ht
+from experiments import common, shared_flags
 
 _KIND = flags.DEFINE_enum("head_kind", "low_rank", sorted(recalibration.HEADS), "Head type.")
 _RANK = flags.DEFINE_integer("rank", 4, "Rank of the low-rank head.")
@@ -40,7 +41,7 @@ _CHECKPOINT_EVERY = flags.DEFINE_integer("checkpoint_every", 100, "Checkpoint pe
 _MAX_TO_KEEP = flags.DEFINE_integer("max_to_keep", 3, "Checkpoints kept.")
 
 
-def positions(lm, out: str, todo) -> dict:
+def positions(lm, out: str, todo, cache_dir: str) -> dict:
   """Train/eval task positions of the tasks ``todo`` and preservation positions, computed
   once into ``out/data``."""
   split = {s: [t for t in todo if t.split == s] for s in ("train", "eval")}
@@ -51,35 +52,36 @@ def positions(lm, out: str, todo) -> dict:
     path = os.path.join(out, "data", f"{name}.npz")
     if not os.path.exists(path):
       if name == "keep":
-        pos = ht.keep_positions(lm, jax.random.key(common.SEED.value))
+        pos = ht.keep_positions(lm, jax.random.key(shared_flags.SEED.value))
       elif split[name]:
-        from tqdm import tqdm
-        pos = ht.concat([ht.task_positions(lm, t, batch_size=common.BATCH_SIZE.value,
-                                           cache_dir=common.validity_cache())
-                         for t in tqdm(split[name], desc=f"{name} positions", unit="task")])
+        tasks = progress.bar(f"{name} positions", "task", iterable=split[name])
+        pos = ht.concat([ht.task_positions(lm, t, batch_size=shared_flags.BATCH_SIZE.value,
+                                           cache_dir=cache_dir) for t in tasks])
       else:
         continue
-      ht.save_positions(path, pos)
-    data[name] = ht.load_positions(path)
+      ht.save_positions(path, pos)  # (process 0 writes; every process keeps its own)
+      data[name] = pos
+    else:
+      data[name] = ht.load_positions(path)
   return data
 
 
 @common.on_mesh
 def run() -> list[dict]:
   with common.Run("train_head") as job:
-    lm = common.load_model()
-    data = positions(lm, job.out, job.tasks)
+    lm = job.model()
+    data = positions(lm, job.out, job.tasks, job.validity_cache)
     cfg = ht.TrainConfig(
-        steps=_STEPS.value, batch_size=common.BATCH_SIZE.value, learning_rate=_LR.value,
+        steps=_STEPS.value, batch_size=shared_flags.BATCH_SIZE.value, learning_rate=_LR.value,
         weights=recalibration.LossWeights(_LAMBDA_VALID.value, _LAMBDA_SHAPE.value,
                                           _LAMBDA_KEEP.value),
         eval_every=_EVAL_EVERY.value, checkpoint_every=_CHECKPOINT_EVERY.value,
-        max_to_keep=_MAX_TO_KEEP.value, seed=common.SEED.value)
+        max_to_keep=_MAX_TO_KEEP.value, seed=shared_flags.SEED.value)
     embed = lm.embedding()
     head = recalibration.create(_KIND.value, embed.shape[1], rank=_RANK.value,
-                                seed=common.SEED.value)
+                                seed=shared_flags.SEED.value)
     records = ht.train(head, embed, data["train"], data["keep"], data.get("eval"), cfg,
-                       job.out, resume=common.RESUME.value)
+                       job.out, resume=shared_flags.RESUME.value)
     recalibration.save(os.path.join(job.out, "head"), head, _KIND.value, rank=_RANK.value)
     job.finish(positions={k: len(v) for k, v in data.items()},
                final=records[-1] if records else None)

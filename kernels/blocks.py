@@ -23,8 +23,6 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 ROWS = {"grid": 32, "loop": 1}
 VARIANTS = tuple(ROWS)
@@ -85,6 +83,7 @@ def stream(step: Step, tiles: Sequence[jax.Array], rows: Sequence[jax.Array],
 
 
 def _grid(step, tiles, rows, outs, batch, vocab, bb, bv, interpret):
+  from jax.experimental import pallas as pl  # Pallas loads when a kernel is built
   nt, nr = len(tiles), len(rows)
 
   def kernel(*refs):
@@ -112,6 +111,8 @@ def _grid(step, tiles, rows, outs, batch, vocab, bb, bv, interpret):
 
 
 def _loop(step, tiles, rows, outs, batch, vocab, bb, bv, interpret):
+  from jax.experimental import pallas as pl
+  from jax.experimental.pallas import triton as plgpu
   nt, nr = len(tiles), len(rows)
   widths = [r.shape[1] for r in rows]
   rows = [jnp.pad(r, ((0, 0), (0, _pow2(w) - w))) for r, w in zip(rows, widths)]

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import blocks
+from calibjax_kernels import blocks
 
 
 class RowStats(NamedTuple):
@@ -85,7 +85,7 @@ def row_stats(z: jax.Array, mask: jax.Array | None, temperature: jax.Array, *,
   """Fused row statistics of ``z [B, V]`` (float32 or bfloat16, upcast in the kernel).
 
   ``mask``: optional bool ``[B, V]``; ``temperature``: float32 ``[B]``, > 0; ``variant``,
-  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`calibjax_kernels.blocks`.
   """
   batch = z.shape[0]
   tiles = [z] if mask is None else [z, blocks.as_int8(mask)]

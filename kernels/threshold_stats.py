@@ -25,7 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import blocks
+from calibjax_kernels import blocks
 
 SCORES = ("logit", "typical", "valid_or_top")
 
@@ -85,7 +85,7 @@ def threshold_stats(z: jax.Array, mask: jax.Array | None, consts: jax.Array,
 
   ``consts``: float32 ``[B, 6]`` = (T, top, total, c₁, c₂, c₃) per row (module doc);
   ``mask``: optional bool ``[B, V]`` (required by ``score="valid_or_top"``); ``variant``,
-  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`calibjax_kernels.blocks`.
   """
   if score not in SCORES:
     raise ValueError(f"score must be one of {SCORES}, got {score!r}.")

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels import blocks
+from calibjax_kernels import blocks
 
 
 class RankCounts(NamedTuple):
@@ -58,7 +58,7 @@ def valid_rank_counts(z: jax.Array, slots: jax.Array, consts: jax.Array, *,
   """Counts and masses of ``z [B, V]`` (float32/bfloat16) above and at ``slots [B, C]``.
 
   ``consts``: float32 ``[B, 3]`` = (T, top, total) per row (module doc); ``variant``,
-  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`kernels.blocks`.
+  ``block_rows`` (None: the variant's default), ``block_vocab``: see :mod:`calibjax_kernels.blocks`.
   """
   n = slots.shape[-1]
   rows = [*_columns(consts.astype(jnp.float32)), slots.astype(jnp.float32)]

@@ -13,10 +13,24 @@ flags.FLAGS.mark_as_parsed()
 
 @pytest.fixture(scope="session")
 def gemma(tmp_path_factory):
-  """The packaged Gemma 3 270M, converted once per test session into a temporary cache."""
+  """The packaged Gemma 3 270M, converted once per test run into a temporary cache that the
+  xdist workers share (the first converts it under a lock, the others restore it)."""
+  import fcntl
   import calibjax.models as models
-  return models.load("gemma3-270m", cache_dir=str(tmp_path_factory.mktemp("cache")),
-                     progress=False)
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # basetemp/popen-gwN: the parent is the run's
+  with open(shared / "gemma-cache.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return models.load("gemma3-270m", cache_dir=str(shared / "gemma-cache"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+  """The packaged Gemma 3 270M's tokenizer alone, read from the GGUF metadata (no weights
+  converted): for the tests that need its vocabulary only."""
+  import calibjax.models as models
+  return models.load_tokenizer("gemma3-270m")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,6 +45,9 @@ def _free_compiled_programs():
 
 
 def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: what only a benchmark or a full check needs; README's test command "
+      "leaves it out, `pytest -m slow tests` runs it")
   # After a deliberately damaged checkpoint fails to restore, Orbax leaves read coroutines
   # that are garbage-collected later, in whichever test runs then.
   config.addinivalue_line(

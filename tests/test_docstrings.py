@@ -5,7 +5,7 @@ import doctest
 import pytest
 
 import calibjax
-from calibjax import calibration, inputs, oracle, order, shape, truncation
+from calibjax.core import calibration, inputs, oracle, order, shape, truncation
 
 MODULES = [calibration, inputs, oracle, order, shape, truncation]
 

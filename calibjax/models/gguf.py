@@ -14,7 +14,7 @@ import numpy as np
 from calibjax import errors
 from calibjax.models.gemma3 import Gemma3Config
 
-_BLOCK = {  # GGUF tensor of block i -> (NNX path under blocks.i, transform)
+BLOCK_TENSORS = {  # GGUF tensor of block i -> (NNX path under blocks.i, transform)
     "attn_norm": ("input_norm.weight", "norm"), "attn_q": ("attn.q_proj", "linear"),
     "attn_k": ("attn.k_proj", "linear"), "attn_v": ("attn.v_proj", "linear"),
     "attn_output": ("attn.o_proj", "linear"), "attn_q_norm": ("attn.q_norm.weight", "norm"),
@@ -26,7 +26,7 @@ _BLOCK = {  # GGUF tensor of block i -> (NNX path under blocks.i, transform)
 }
 
 
-def _reader(path: str):
+def open_reader(path: str):
   import gguf
   try:
     return gguf.GGUFReader(path)
@@ -85,7 +85,7 @@ def read_params(reader, cfg: Gemma3Config, path: str, progress=None) -> dict[str
   wanted = {"token_embd.weight": ("embed", "embed"),
             "output_norm.weight": ("final_norm.weight", "norm")}
   for i in range(cfg.layers):
-    for name, (target, kind) in _BLOCK.items():
+    for name, (target, kind) in BLOCK_TENSORS.items():
       wanted[f"blk.{i}.{name}.weight"] = (f"blocks.{i}.{target}", kind)
   missing = sorted(set(wanted) - set(tensors))
   if missing:

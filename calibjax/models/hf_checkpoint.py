@@ -17,7 +17,7 @@ import numpy as np
 from calibjax import errors
 from calibjax.models.gemma3 import Gemma3Config
 
-_LAYER = {  # HF name under model.layers.i -> (NNX path under blocks.i, transpose)
+LAYER_TENSORS = {  # HF name under model.layers.i -> (NNX path under blocks.i, transpose)
     "input_layernorm.weight": ("input_norm.weight", False),
     "self_attn.q_proj.weight": ("attn.q_proj", True),
     "self_attn.k_proj.weight": ("attn.k_proj", True),
@@ -93,7 +93,7 @@ def read_params(folder: str, cfg: Gemma3Config) -> dict[str, np.ndarray]:
   wanted = {f"{prefix}embed_tokens.weight": ("embed", False),
             f"{prefix}norm.weight": ("final_norm.weight", False)}
   for i in range(cfg.layers):
-    for name, target in _LAYER.items():
+    for name, target in LAYER_TENSORS.items():
       wanted[f"{prefix}layers.{i}.{name}"] = (f"blocks.{i}.{target[0]}", target[1])
   missing = sorted(set(wanted) - set(tensors))
   if missing:

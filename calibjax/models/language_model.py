@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from calibjax import errors
-from calibjax.rowwise import spread
+from calibjax.core.rows import spread
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
 from calibjax.models.tokenizer import Tokenizer
 
@@ -18,6 +18,17 @@ from calibjax.models.tokenizer import Tokenizer
 def bucket(n: int, minimum: int = 16) -> int:
   """Static length for ``n`` tokens: the next power of two (≥ ``minimum``)."""
   return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_rows(rows) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows of different lengths as right-padded ``ids [B, W]`` (int64, 0 padding) and
+  the ``mask [B, W]`` of their real tokens (``W``: the longest row)."""
+  width = max(map(len, rows))
+  ids = np.zeros((len(rows), width), np.int64)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    ids[i, :len(r)], mask[i, :len(r)] = r, True
+  return ids, mask
 
 
 def _last_real(mask):

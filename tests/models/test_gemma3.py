@@ -9,7 +9,7 @@ import pytest
 from calibjax import errors
 from calibjax.models import LanguageModel
 from calibjax.models.gemma3 import Gemma3Config, KVCache
-from tests.models import tiny
+from calibjax.testing import tiny
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import calibjax.models as models
 from calibjax import errors
 from calibjax.models import checkpoint
-from tests.models import tiny
+from calibjax.testing import tiny
 
 
 @pytest.fixture()

@@ -1,0 +1,115 @@
+"""Every sampler's probability of each valid next token, at a batch of tree nodes, from one
+pass over each row: single rules that share a rule and a temperature run as one sweep (one
+score and cut per row for all their values), and only the valid tokens' own probabilities are
+gathered (no ``[B, V]`` keep mask); chains and ``oracle_rank`` take the general
+:func:`calibjax.truncate_chain` path."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from calibjax import errors
+from calibjax.core import double_float, selection, truncation
+from calibjax.core.rows import map_rows
+from calibjax.core.rules import ORACLE_SET, REGISTRY, RULES, softmax_parts
+from calibjax.models.language_model import bucket
+
+
+def as_samplers(samplers) -> tuple[truncation.Sampler, ...]:
+  """:class:`calibjax.Sampler` objects from samplers or their text."""
+  return tuple(s if isinstance(s, truncation.Sampler) else truncation.Sampler.parse(s)
+               for s in samplers)
+
+
+def _groups(specs):
+  """Samplers grouped for evaluation: single rules sharing a rule and a temperature (one
+  sweep), ``oracle_set`` alone, and every other chain on its own."""
+  groups: dict = {}
+  for k, s in enumerate(specs):
+    rule = s.rules[0][0] if len(s.rules) == 1 else None
+    if rule in RULES or rule == ORACLE_SET:
+      groups.setdefault((rule, s.temperature), []).append(k)
+    else:
+      groups[(None, k)] = [k]
+  return groups
+
+
+def _row_valid_probs(z, m, idx, real, specs):
+  """One row: each sampler's probability ``[C]`` of the tokens ``idx`` (``real`` marks the
+  valid ones, which are the whole valid set) and its invalid mass ``[]``."""
+  out, bad = [None] * len(specs), [None] * len(specs)
+  for (rule, t), members in _groups(specs).items():
+    if rule is None:
+      continue
+    a = z / t
+    if rule == ORACLE_SET:  # softmax over the valid logits (never underflows)
+      a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
+      e = jnp.exp(a_idx - jnp.max(a_idx))
+      for k in members:
+        out[k], bad[k] = e / jnp.sum(e), jnp.zeros(())
+      continue
+    p = softmax_parts(a)[-1]
+    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
+    hi, lo = double_float.split([specs[k].rules[0][1] for k in members])
+    x, theta, *_ = REGISTRY[rule].cut(a, m, jnp.asarray(hi), jnp.asarray(lo),
+                                      lambda: double_float.divide(z, t))
+    alive = a > -jnp.inf
+    kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
+    keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
+    probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
+    for j, k in enumerate(members):
+      out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
+  return out, bad
+
+
+@functools.partial(jax.jit, static_argnames=("specs", "cap"))
+def _valid_token_probs(z, m, idx, real, specs, cap):
+  """Every sampler's probability of the valid tokens ``idx [B, C]`` (``real`` marks them;
+  C covers each row's whole valid set): ``[S, B, C]``, and each sampler's invalid mass
+  ``[S, B]``."""
+  rows, bad = map_rows(lambda *r: _row_valid_probs(*r, specs), z, m, idx, real,
+                       batch_shape=z.shape[:-1])
+  for (rule, k), members in _groups(specs).items():
+    if rule is None:  # chains and oracle_rank: the general path
+      tr = truncation.truncate_chain(z, specs[k], valid_mask=m, max_valid=cap)
+      a = z / specs[k].temperature
+      log_p = a - jax.scipy.special.logsumexp(a, axis=-1, keepdims=True)
+      keep = jnp.take_along_axis(tr.keep, idx, axis=-1) & real
+      rows[k] = jnp.where(keep, jnp.exp(jnp.take_along_axis(log_p, idx, axis=-1))
+                          / tr.kept_mass[..., None], 0.0)
+      bad[k] = 1.0 - tr.validity
+  return jnp.stack(rows), jnp.stack(bad)
+
+
+class ValidTokenProbs:
+  """Each sampler's probabilities of the valid tokens at a batch of nodes (compiled for a
+  valid-set capacity that only grows: few compiles)."""
+
+  def __init__(self, samplers):
+    self.specs = as_samplers(samplers)
+    self.cap = 8
+
+  def __call__(self, logits, valid: np.ndarray, nodes):
+    """``(valid token ids [b, C] with -1 padding, each sampler's probabilities of them
+    [S, b, C] (0 at the padding), invalid mass [S, b])`` for the first ``b = len(nodes)``
+    rows of ``logits [B, V]`` and their masks ``valid [B, V]``."""
+    n = len(nodes)
+    tokens = [np.flatnonzero(v) for v in valid]
+    self.cap = max(self.cap, bucket(max(map(len, tokens)), minimum=8))
+    idx = np.stack([np.pad(t, (0, self.cap - len(t)), constant_values=-1) for t in tokens])
+    probs, invalid = _valid_token_probs(
+        logits, jnp.asarray(valid), jnp.asarray(np.maximum(idx, 0)),
+        jnp.asarray(idx >= 0), self.specs, self.cap)
+    probs = np.asarray(probs, np.float64)[:, :n]
+    invalid = np.asarray(invalid, np.float64)[:, :n]
+    bad = ~(np.isfinite(probs).all(axis=2) & np.isfinite(invalid))
+    if bad.any():
+      k, i = np.argwhere(bad)[0]
+      raise errors.NonFiniteLogitsError(
+          f"sampler {self.specs[k]} gives non-finite probabilities at the node after "
+          f"{nodes[i].text!r} (token path {list(nodes[i].path)}); are the model's logits finite?")
+    return idx[:n], probs, np.maximum(invalid, 0.0)

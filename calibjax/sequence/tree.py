@@ -1,0 +1,152 @@
+"""The valid-prefix tree of a task (SPEC §6), the order nodes are expanded in, and the model
+at its nodes.
+
+A node is a token path after the prompt whose text is still a prefix of ``leading · answer ·
+terminator`` (as decided by the task's validity index). :class:`Tree` makes nodes (the root, a
+node's children, the prefixes of a path) and reads answers off their text;
+:class:`BestFirst` hands nodes out by priority (the exact engine, ``diagnose``);
+:class:`NodeEvaluator` runs the model on batches of nodes on top of the prompt's KV cache,
+computed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+
+import numpy as np
+
+from calibjax import errors
+from calibjax.models.language_model import pad_rows
+from calibjax.tasks import Task
+from calibjax.tasks.validity import ValidityIndex, token_bytes
+
+
+@dataclasses.dataclass
+class Node:
+  """A node of the valid-prefix tree: token ``path`` after the prompt, the validity engine's
+  ``state`` and the ``text`` so far, and the path's probability ``mass`` (one per sampler)."""
+  path: tuple[int, ...]
+  state: int
+  text: bytes
+  mass: np.ndarray
+
+
+class Tree:
+  """A task's valid-prefix tree over a tokenizer's vocabulary."""
+
+  def __init__(self, task: Task, tokenizer, cache_dir: str | None = None):
+    self.task = task
+    self.index = ValidityIndex(task, tokenizer.vocab, tokenizer.types, tokenizer.eos_id,
+                               cache_dir=cache_dir)
+    self.token_bytes = token_bytes(tokenizer.vocab, tokenizer.types)
+    self.eos_id = tokenizer.eos_id
+
+  def root(self, mass) -> Node:
+    return Node((), self.index.initial_state, b"", np.asarray(mass, np.float64))
+
+  def child(self, node: Node, token: int, mass) -> Node:
+    """The node after ``token`` (a valid token at ``node``, EOS excluded)."""
+    return Node(node.path + (int(token),), self.index.advance(node.state, token),
+                node.text + self.token_bytes[token], mass)
+
+  def prefixes(self, path, mass) -> list[Node]:
+    """The nodes at ``path[:0]``, ``path[:1]``, … that are still in the task's language (up
+    to the first token that leaves it), each with ``mass``."""
+    nodes, state, text = [], self.index.initial_state, b""
+    for j, token in enumerate(path):
+      if state is None:
+        break
+      nodes.append(Node(tuple(path[:j]), state, text, mass))
+      state = self.index.advance(state, token)
+      text += self.token_bytes[token] or b""
+    return nodes
+
+  def is_final(self, node: Node) -> bool:
+    """The node's text ends in a terminator after a complete answer."""
+    return self.index.is_final(node.state)
+
+  def valid_mask(self, node: Node) -> np.ndarray:
+    """bool ``[V]``: the tokens that keep the node's text in the task's language."""
+    return self.index.mask(node.state, node.text)
+
+  def answer_index(self, text: bytes, terminated: bool) -> int | None:
+    """The index of the answer ``text`` spells (with a leading text and, when
+    ``terminated``, a terminator), or None."""
+    task = self.task
+    s = text.decode("utf-8", errors="replace")
+    fold = (lambda x: x) if task.case_sensitive else str.casefold
+    lookup = {fold(a): i for i, a in enumerate(task.answers)}
+    ends = task.terminators if terminated else ("",)
+    for lead in task.leading:
+      for end in ends:
+        if s.startswith(lead) and s.endswith(end) and len(s) >= len(lead) + len(end):
+          i = lookup.get(fold(s[len(lead):len(s) - len(end)]))
+          if i is not None:
+            return i
+    return None
+
+
+class BestFirst:
+  """Nodes handed out by decreasing priority; equal priorities leave in the order they came."""
+
+  def __init__(self):
+    self._heap, self._count = [], itertools.count()
+
+  def push(self, node: Node, priority: float) -> None:
+    heapq.heappush(self._heap, (-priority, next(self._count), node))
+
+  def top(self) -> float:
+    """The highest priority queued (``-inf`` when empty)."""
+    return -self._heap[0][0] if self._heap else -math.inf
+
+  def pop(self, n: int, min_priority: float = -math.inf) -> list[Node]:
+    """Up to ``n`` nodes of priority ≥ ``min_priority``, best first."""
+    out = []
+    while self._heap and len(out) < n and self.top() >= min_priority:
+      out.append(heapq.heappop(self._heap)[2])
+    return out
+
+  def __len__(self) -> int:
+    return len(self._heap)
+
+  def __iter__(self):
+    """The queued nodes, in no particular order."""
+    return (node for _, _, node in self._heap)
+
+
+def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
+  """Each answer's canonical token path: the tokenisation of the task's first non-empty leading
+  text (``""`` if it has none), the answer and the first terminator (what the compounding
+  figures follow)."""
+  lead = next((l for l in task.leading if l), "")
+  return [tuple(tokenizer.encode(lead + a + task.terminators[0], add_bos=False))
+          for a in task.answers]
+
+
+class NodeEvaluator:
+  """The model at valid-prefix tree nodes: the prompt's KV cache is computed once and every
+  batch of node paths runs on top of it (``batch_size`` rows per call, a fixed shape)."""
+
+  def __init__(self, lm, prompt_ids, tree: Tree, batch_size: int = 32, max_depth: int = 24,
+               head=None):
+    if len(prompt_ids) < 2:
+      raise errors.InputError("the prompt is empty: it must hold at least one token after BOS.")
+    self.lm, self.tree, self.batch_size, self.head = lm, tree, batch_size, head
+    self.last = int(prompt_ids[-1])  # each path restarts from it: the root is a path too
+    _, _, self.cache = lm.prefill(np.asarray([prompt_ids[:-1]]), max_new_tokens=max_depth + 1)
+
+  def forward(self, nodes: list[Node]):
+    """``(logits [batch_size, V], hidden [batch_size, d], valid masks [batch_size, V])``
+    (logits through the head when there is one); rows past ``len(nodes)`` repeat the first
+    node."""
+    n = len(nodes)
+    rows = [(self.last,) + node.path for node in nodes]
+    ids, mask = pad_rows(rows + rows[:1] * (self.batch_size - n))
+    logits, hidden = self.lm.extend(self.cache, ids, mask)
+    if self.head is not None:
+      logits = self.head(hidden, logits)
+    valid = [self.tree.valid_mask(node) for node in nodes]
+    return logits, hidden, np.stack(valid + valid[:1] * (self.batch_size - n))

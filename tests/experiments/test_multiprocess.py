@@ -1,0 +1,54 @@
+"""Two processes on localhost (jax.distributed, a local coordinator, CPU collectives) run the
+diagnose binary over one 8-device mesh and write what a single process writes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from experiments import diagnose
+from calibjax.testing import tiny
+from tests.helpers import ROOT, read, run
+
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_write_what_one_writes(tmp_path):
+  model = str(tmp_path / "tiny.gguf")
+  tiny.write_gguf(model, tiny.model(seed=3))
+  task = tmp_path / "tiny_ab.json"
+  task.write_text(json.dumps({"name": "tiny_ab", "description": "test task", "prompts": ["ab"],
+                              "answers": ["ab", "b", "a", "ba"], "terminators": ["\n", "."]}))
+  setup = {"model": model, "tasks": [str(task)], "cache_dir": str(tmp_path / "cache")}
+  # one process (this one, 8 fake devices, the same mesh); it also fills the caches
+  run(diagnose, setup, tmp_path / "one", floor=1e-4, max_nodes=12, mesh="data:8")
+
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.diagnose", f"--model={model}", f"--task={task}",
+       f"--out={tmp_path / 'two'}", f"--cache_dir={setup['cache_dir']}", "--batch_size=8",
+       "--floor=1e-4", "--max_nodes=12", "--mesh=data:8", "--distributed",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  try:
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  for name in ("summary.json", "positions.jsonl", "report.md"):
+    assert read(tmp_path / "two" / name) == read(tmp_path / "one" / name), name
+  manifest = json.loads(read(tmp_path / "two" / "manifest.json"))
+  assert len(manifest["devices"]) == 8 and manifest["flags"]["mesh"] == "data:8"

@@ -1,0 +1,179 @@
+"""The exact engine against a brute-force enumeration with independent pieces (a string-prefix
+oracle and full forwards), on a tiny model; the accounting identity; the real model."""
+
+import numpy as np
+import pytest
+
+from calibjax.testing import references as ref
+from calibjax import sequence, tasks
+from calibjax.core import truncation
+from calibjax.tasks.validity import token_bytes
+from tests.helpers import TASK, small_lm
+
+SAMPLERS = ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "top_p=0.8", "top_p=0.95", "oracle_set",
+            "oracle_rank=0.9,t=1.3"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+  return small_lm()
+
+
+def reference_probs(z, valid, spec):
+  """p_S over the vocabulary, float64, from the NumPy reference keep mask."""
+  keep = ref.truncate_chain(z, spec.rules, spec.temperature, valid)
+  a = np.where(keep, ref._scaled(z, spec.temperature), -np.inf)
+  p = np.exp(a - a.max())
+  return p / p.sum()
+
+
+def valid_mask(tok, task, text):
+  """String-prefix oracle: the tokens that keep ``text`` a prefix of a full answer."""
+  tb = token_bytes(tok.vocab, tok.types)
+  full = {(l + a + x).encode() for l in task.leading for a in task.answers for x in task.terminators}
+  complete = {(l + a).encode() for l in task.leading for a in task.answers}
+  prefixes = {s[:k] for s in full for k in range(1, len(s) + 1)}
+  valid = np.array([b is not None and b != b"" and text + b in prefixes for b in tb])
+  valid[tok.eos_id] = text in complete
+  return valid
+
+
+def brute_force(lm, task, sampler):
+  """P_S(answer) by depth-first enumeration of every valid token sequence."""
+  tok = lm.tokenizer
+  tb = token_bytes(tok.vocab, tok.types)
+  full = {(l + a + x).encode(): i for l in task.leading for i, a in enumerate(task.answers)
+          for x in task.terminators}
+  complete = {(l + a).encode(): i for l in task.leading for i, a in enumerate(task.answers)}
+  spec = truncation.Sampler.parse(sampler)
+  out = np.zeros(len(task.answers))
+  prompt = tok.encode(task.prompts[0])
+
+  def visit(path, text, prob):
+    z = np.asarray(lm.logits(np.array([prompt + path]))[0, -1], np.float32)
+    valid = valid_mask(tok, task, text)
+    p = reference_probs(z, valid, spec)
+    for v in np.flatnonzero(valid):
+      if p[v] == 0:
+        continue
+      if v == tok.eos_id:
+        out[complete[text]] += prob * p[v]
+      elif text + tb[v] in full:
+        out[full[text + tb[v]]] += prob * p[v]
+      else:
+        visit(path + [int(v)], text + tb[v], prob * p[v])
+
+  visit([], b"", 1.0)
+  return out
+
+
+def test_exact_equals_brute_force_on_a_tiny_model(lm):
+  res = sequence.exact(lm, TASK, SAMPLERS, bound=0.0, progress=False)
+  assert res.bound_reached and res.nodes_expanded > 10
+  assert res.samplers[0].seq_validity > 0.05  # the check has something to check
+  for s, r in zip(SAMPLERS, res.samplers):
+    want = brute_force(lm, TASK, s)
+    np.testing.assert_allclose(r.answer_probs, want, rtol=1e-5, atol=1e-9, err_msg=s)
+    assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-6)
+  oracle = res.samplers[SAMPLERS.index("oracle_set")]
+  assert oracle.seq_validity == pytest.approx(1.0, abs=1e-6) and oracle.invalid_mass < 1e-9
+
+
+def test_compounding_along_canonical_paths(lm):
+  """Per-step validity along each answer's canonical path (" " + answer + "\\n") equals the
+  reference sampler's valid mass at each prefix; path_validity is their product."""
+  res = sequence.exact(lm, TASK, SAMPLERS[:3], bound=0.2, progress=False)  # some prefixes unexpanded
+  tok = lm.tokenizer
+  prompt = tok.encode(TASK.prompts[0])
+  for path, answer in zip(res.canonical_paths, TASK.answers):
+    assert path == tuple(tok.encode(" " + answer + "\n", add_bos=False))
+  for k, s in enumerate(SAMPLERS[:3]):
+    spec = truncation.Sampler.parse(s)
+    r = res.samplers[k]
+    for i, path in enumerate(res.canonical_paths):
+      want = []
+      for j in range(len(path)):
+        z = np.asarray(lm.logits(np.array([prompt + list(path[:j])]))[0, -1], np.float32)
+        valid = valid_mask(tok, TASK, "".join(tok.vocab[t] for t in path[:j]).encode())
+        want.append(reference_probs(z, valid, spec)[valid].sum())
+      np.testing.assert_allclose(r.step_validity[i], want, rtol=1e-5, err_msg=(s, i))
+      assert r.path_validity[i] == pytest.approx(np.prod(want), rel=1e-5)
+
+
+def test_bound_and_metrics(lm):
+  res = sequence.exact(lm, TASK, ["t=1"], bound=0.05, progress=False)
+  r = res.samplers[0]
+  assert r.unexplored_mass <= 0.05 and res.bound_reached
+  assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-6)
+  p = r.answer_probs
+  assert r.coverage[1] == pytest.approx(p.sum() / 4)
+  assert r.coverage[10] == pytest.approx(np.sum(1 - (1 - p) ** 10) / 4)
+  cond = p / p.sum()
+  nz = cond[cond > 0]
+  assert r.entropy == pytest.approx(-np.sum(nz * np.log(nz)))
+  if (cond > 0).all():
+    assert r.kl_to_target == pytest.approx(np.sum(np.log((1 / 4) / cond)) / 4)
+  else:
+    assert r.kl_to_target == np.inf
+
+
+PACKAGED = ["t=1", "top_k=2,t=1.5", "oracle_rank=0.95,t=2"]  # the second truncates heavily
+
+
+@pytest.mark.parametrize("task_name,samplers", [
+    ("weekdays", PACKAGED[1:2]),
+    pytest.param("coin_flip", PACKAGED, marks=pytest.mark.slow),
+    pytest.param("weekdays", PACKAGED[::2], marks=pytest.mark.slow),
+    pytest.param("integers_1_20", PACKAGED, marks=pytest.mark.slow)])
+def test_packaged_model_monte_carlo_agrees_with_exact(gemma, task_name, samplers):
+  """Exact values inside the Monte Carlo intervals: seq_validity at 99.9%, each answer's
+  probability at 1 − 0.001/|A| (Bonferroni over the answers). One task and one sampler by
+  default (the tiny model checks every sampler kind); the rest under ``-m slow``."""
+  import jax
+  task = tasks.load(task_name)
+  res = sequence.exact(gemma, task, samplers, bound=1e-3, progress=False)
+  n = 600
+  for s, r in zip(samplers, res.samplers):
+    assert r.seq_validity + r.invalid_mass + r.unexplored_mass == pytest.approx(1.0, abs=1e-5)
+    assert r.unexplored_mass <= 1e-3 and res.bound_reached
+    mc = sequence.sample(gemma, task, s, n, jax.random.key(PACKAGED.index(s)), confidence=0.999,
+                         batch_size=300, progress=False)
+    lo, hi = mc.seq_validity_ci
+    assert lo - 1e-3 <= r.seq_validity <= hi + 1e-3, (s, r.seq_validity, mc.seq_validity_ci)
+    ci = sequence.wilson(mc.counts, n, 1 - 0.001 / len(task.answers))
+    for a, p in enumerate(r.answer_probs):
+      assert ci[a, 0] - 1e-3 <= p <= ci[a, 1] + 1e-3, (s, task.answers[a], p, ci[a])
+
+
+@pytest.mark.parametrize("sampler", ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "oracle_set,t=1.5",
+                                     "oracle_rank=0.9"])
+def test_monte_carlo_agrees_with_exact(lm, sampler):
+  import jax
+  exact = sequence.exact(lm, TASK, [sampler], bound=0.0, progress=False).samplers[0]
+  assert exact.seq_validity > 0.05
+  mc = sequence.sample(lm, TASK, sampler, 3000, jax.random.key(0), max_new_tokens=8,
+                       batch_size=1000, confidence=0.999)
+  assert len(mc.texts) == 3000 and set(mc.reason) <= {"valid", "wrong", "early_eos",
+                                                       "no_terminator"}
+  assert mc.coverage == np.count_nonzero(mc.counts) / len(TASK.answers)
+  # coverage@10: the mean over 300 disjoint groups of 10 samples of (distinct answers / |A|)
+  # against the exact expectation, within 4 standard errors
+  groups = mc.answer.reshape(300, 10)
+  cov = np.array([len(set(g[g >= 0].tolist())) / len(TASK.answers) for g in groups])
+  exact10 = sequence.exact(lm, TASK, [sampler], bound=0.0, coverage_n=(10,),
+                           progress=False).samplers[0].coverage[10]
+  assert abs(cov.mean() - exact10) <= 4 * cov.std() / np.sqrt(300) + 1e-6, (cov.mean(), exact10)
+  lo, hi = mc.seq_validity_ci  # exact values carry float32 rounding (~1e-7)
+  assert lo - 1e-6 <= exact.seq_validity <= hi + 1e-6, (exact.seq_validity, mc.seq_validity_ci)
+  for a, (p, (lo, hi)) in enumerate(zip(exact.answer_probs, mc.answer_ci)):
+    assert lo - 1e-6 <= p <= hi + 1e-6, (TASK.answers[a], p, lo, hi)
+  # the same key gives the same samples, another key other ones
+  run = lambda seed: sequence.sample(lm, TASK, sampler, 40, jax.random.key(seed),
+                                     max_new_tokens=8).texts
+  assert run(1) == run(1) and run(1) != run(2)
+
+
+def test_wilson_interval_hand_values():
+  lo, hi = sequence.wilson(5, 10, 0.95)
+  assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+  assert tuple(sequence.wilson(0, 20, 0.95)) == pytest.approx((0.0, 0.1611), abs=1e-4)

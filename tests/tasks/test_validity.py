@@ -1,0 +1,128 @@
+"""Token-validity masks (outlines-core) against a pure-Python string-prefix oracle, on the
+packaged Gemma 3 vocabulary, at sampled prefixes of every built-in task."""
+
+import random
+
+import numpy as np
+import pytest
+
+from calibjax import tasks
+from calibjax.tasks import validity
+
+
+@pytest.fixture(scope="module")
+def vocab(gemma_tokenizer):
+  tok = gemma_tokenizer
+  return tok.vocab, tok.types, tok.eos_id, validity.token_bytes(tok.vocab, tok.types)
+
+
+class PrefixOracle:
+  """SPEC §6 by brute force: a token is valid iff text + its bytes is a prefix of some
+  leading + answer + terminator string; EOS iff the text is a complete answer (when the task
+  allows it) or ends with a terminator."""
+
+  def __init__(self, task):
+    fold = (lambda b: b) if task.case_sensitive else (lambda b: b.lower())
+    self.fold = fold
+    self.full = {fold((l + a + x).encode()) for l in task.leading for a in task.answers
+                 for x in task.terminators}
+    self.answers = {fold((l + a).encode()) for l in task.leading for a in task.answers}
+    self.prefixes = {s[:i] for s in self.full for i in range(1, len(s) + 1)}
+    self.eos_ends = task.end_of_sequence
+
+  def mask(self, text, token_bytes, eos_id):
+    t = self.fold(text)
+    m = np.array([b is not None and b != b"" and self.fold(t + b) in self.prefixes
+                  for b in token_bytes])
+    m[eos_id] = t in self.full or (self.eos_ends and t in self.answers)
+    return m
+
+
+def walk(index, text, byte_token):
+  """The index state after ``text`` fed byte by byte (a non-canonical tokenisation)."""
+  state = index.initial_state
+  for b in text:
+    state = index.advance(state, byte_token[b])
+    if state is None:
+      return None
+  return state
+
+
+@pytest.mark.parametrize("name", tasks.names())
+def test_masks_equal_the_string_prefix_oracle(name, vocab, tmp_path_factory):
+  words, types, eos, tb = vocab
+  task = tasks.load(name)
+  index = validity.ValidityIndex(task, words, types, eos,
+                                 cache_dir=str(tmp_path_factory.mktemp("index")))
+  oracle = PrefixOracle(task)
+  byte_token = {int(w[3:-1], 16): i for i, w in enumerate(words)
+                if int(types[i]) == 6 and w.startswith("<0x")}
+  rng = random.Random(name)
+  prefixes = {b""}
+  for _ in range(3):
+    full = (rng.choice(task.leading) + rng.choice(task.answers) +
+            rng.choice(task.terminators)).encode()
+    prefixes.update(full[:rng.randint(1, len(full))] for _ in range(2))
+    prefixes.add(full[:-1])          # a complete answer: EOS and terminators valid
+  for text in sorted(prefixes):
+    state = walk(index, text, byte_token)
+    assert state is not None, text
+    got = index.mask(state, text)
+    want = oracle.mask(text, tb, eos)
+    diff = np.flatnonzero(got != want)
+    assert diff.size == 0, (text, [(words[i], bool(got[i])) for i in diff[:5]])
+  # invalid continuations are rejected by advance()
+  assert walk(index, b"Zz9!", byte_token) is None
+
+
+def test_prefix_answers_and_multi_token_paths(vocab):
+  words, types, eos, _ = vocab
+  index = validity.ValidityIndex(tasks.load("integers_1_20"), words, types, eos)
+  state = index.advance(index.initial_state, words.index("1"))
+  ok = {words[i] for i in np.flatnonzero(index.mask(state, b"1"))}
+  assert {"0", "9", "\n", ".", ",", "<eos>"} <= ok          # "1" complete, "10".."19" open
+  state = index.advance(state, words.index("9"))
+  ok = {words[i] for i in np.flatnonzero(index.mask(state, b"19"))}
+  assert "0" not in ok and "<eos>" in ok                    # "190" is no answer
+  states = validity.ValidityIndex(tasks.load("us_states"), words, types, eos)
+  s = states.advance(states.initial_state, words.index("▁New"))
+  ok = {words[i] for i in np.flatnonzero(states.mask(s, b" New"))}
+  assert {"▁York", "▁Hampshire", "▁Jersey", "▁Mexico"} <= ok and "<eos>" not in ok
+
+
+def test_regex_escapes_and_terminator_required():
+  t = tasks.from_dict({"name": "x", "description": "", "prompts": ["Q"],
+                       "answers": ["a+b", "(c)", "1", "10"]})
+  r = validity.task_regex(t)
+  assert r == r"( |)(a\+b|\(c\)|10|1)(" + "\n" + r"|\.|,)"  # longest first, stable
+
+
+def test_index_cache_is_plain_data_checked_by_its_digest(tmp_path, capsys):
+  """The cached index is the index's binary form behind its SHA-256 (never a pickle): a
+  damaged or planted file is reported and rebuilt, and a pickle placed there never runs."""
+  import os
+  import pickle
+  from calibjax.testing import tiny
+  task = tasks.load("coin_flip")
+  build = lambda: validity.ValidityIndex(task, tiny.TOKENS, tiny.TYPES, 1, cache_dir=str(tmp_path))
+  masks = lambda idx: np.stack([idx.mask(idx.initial_state, b"")] + [
+      idx.mask(s, b"") for s in [idx.advance(idx.initial_state, 4 + ord(" "))] if s is not None])
+  first = build()
+  (name,) = os.listdir(tmp_path)
+  path = tmp_path / name
+  assert not path.read_bytes().startswith(b"\x80")  # pickle's protocol marker
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert capsys.readouterr().err == ""
+  blob = bytearray(path.read_bytes())
+  blob[-1] ^= 0x01  # one flipped bit
+  path.write_bytes(bytes(blob))
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert "checksum mismatch" in capsys.readouterr().err
+
+  class Planted:
+    def __reduce__(self):
+      return (os.mkdir, (str(tmp_path / "code-ran"),))
+  path.write_bytes(pickle.dumps(Planted()))
+  np.testing.assert_array_equal(masks(build()), masks(first))
+  assert not (tmp_path / "code-ran").exists()
+  assert "rebuilding the validity index" in capsys.readouterr().err
