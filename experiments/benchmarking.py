@@ -179,7 +179,7 @@ def run_peer(script: str, args: list[str], peer_python: str | None, log: Callabl
   if not peer_python or not os.path.exists(peer_python):
     log(f"peer environment {peer_python} not found; to create it: {PEER_HOW}")
     return {"available": False, "how": PEER_HOW}
-  path = os.path.join(os.path.dirname(__file__), os.pardir, "experiments", "peers", script)
+  path = os.path.join(os.path.dirname(__file__), "peers", script)
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "peer.json")
     proc = subprocess.run([peer_python, path, *args, out], capture_output=True, text=True,

@@ -1,6 +1,8 @@
 """Test set-up: 8 fake CPU devices before JAX starts, absl flags marked parsed."""
 
+import contextlib
 import os
+import pickle
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,22 +17,44 @@ flags.FLAGS.mark_as_parsed()
 def gemma(tmp_path_factory):
   """The packaged Gemma 3 270M, converted once per test run into a temporary cache that the
   xdist workers share (the first converts it under a lock, the others restore it)."""
-  import fcntl
   import calibjax.models as models
-  shared = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    shared = shared.parent  # basetemp/popen-gwN: the parent is the run's
-  with open(shared / "gemma-cache.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  shared = _shared(tmp_path_factory)
+  with _locked(shared / "gemma-cache.lock"):
     return models.load("gemma3-270m", cache_dir=str(shared / "gemma-cache"), progress=False)
 
 
+def _shared(tmp_path_factory):
+  """A folder that every xdist worker of this run sees, and a lock in it."""
+  shared = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    shared = shared.parent  # basetemp/popen-gwN: the parent is the run's
+  return shared
+
+
+@contextlib.contextmanager
+def _locked(path):
+  import fcntl
+  with open(path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 @pytest.fixture(scope="session")
-def gemma_tokenizer():
-  """The packaged Gemma 3 270M's tokenizer alone, read from the GGUF metadata (no weights
-  converted): for the tests that need its vocabulary only."""
+def gemma_tokenizer(tmp_path_factory):
+  """The packaged Gemma 3 270M's tokenizer alone (no weights converted), for the tests that
+  need its vocabulary only: read from the GGUF metadata by the first xdist worker (10 s of
+  GGUF parsing) and shared with the others as its SentencePiece model."""
   import calibjax.models as models
-  return models.load_tokenizer("gemma3-270m")
+  shared = _shared(tmp_path_factory)
+  with _locked(shared / "gemma-tokenizer.lock"):
+    path = shared / "gemma-tokenizer.pkl"
+    if path.exists():
+      with open(path, "rb") as f:
+        return pickle.load(f)
+    tok = models.load_tokenizer("gemma3-270m")
+    with open(path, "wb") as f:
+      pickle.dump(tok, f)
+    return tok
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -34,6 +34,7 @@ def test_write_json_atomic(tmp_path):
   assert os.listdir(tmp_path / "sub") == ["r.json"]        # and no temp file is left behind
 
 
+@pytest.mark.slow  # the benchmark harness only: 7 rules x 3 compiled variants
 def test_truncation_report_without_peer():
   cfg = benchmarking.TruncationBenchmarkConfig(shapes=((2, 600),), repeats=1, peer_python=None)
   report = benchmarking.run_truncation_benchmark(cfg, log=lambda *_: None)

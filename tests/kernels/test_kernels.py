@@ -218,9 +218,10 @@ def _same(a, b, what):
     _close(y, x, 3e-6, f"{what}.{f}")
 
 
-@pytest.fixture(params=list(VARIANTS))
+@pytest.fixture(params=["grid", pytest.param("loop", marks=pytest.mark.slow)])
 def kernel_variant(request, monkeypatch):
-  """The public functions' "pallas" path with each kernel variant (the GPU one interpreted)."""
+  """The public functions' "pallas" path with each kernel variant (the GPU one interpreted:
+  ``-m slow``; its driver is checked op by op above, its blocks are the grid variant's)."""
   monkeypatch.setitem(dispatch.VARIANT, "cpu", request.param)
   return request.param
 
