@@ -3,6 +3,7 @@ diagnose binary over one 8-device mesh and write what a single process writes.""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -32,8 +33,9 @@ def test_two_processes_write_what_one_writes(tmp_path):
   run(diagnose, setup, tmp_path / "one", floor=1e-4, max_nodes=12, mesh="data:8")
 
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+  env = dict(os.environ, XLA_FLAGS=f"{xla} --xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)  # this process's compiler flags, 4 devices
   procs = [subprocess.Popen(
       [sys.executable, "-m", "experiments.diagnose", f"--model={model}", f"--task={task}",
        f"--out={tmp_path / 'two'}", f"--cache_dir={setup['cache_dir']}", "--batch_size=8",
