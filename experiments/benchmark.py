@@ -37,8 +37,8 @@ import os
 
 from absl import app, flags, logging
 
-from experiments import benchmarking
 from calibjax.results import write_json_atomic
+from experiments import benchmarking
 
 _OUT = flags.DEFINE_string("out", "results/benchmark", "Output folder.")
 _SHAPES = flags.DEFINE_list("shapes", ["64x262144", "8x32000"], "Shapes BxV to time.")

@@ -21,9 +21,9 @@ import numpy as np
 
 import calibjax_kernels as kernels
 from calibjax.core import dispatch, order, selection, shape
-from calibjax.testing import references as numpy_reference
 from calibjax.core.rows import map_rows
 from calibjax.core.rules import REGISTRY
+from calibjax.testing import references as numpy_reference
 
 
 def best_ms(fn: Callable, *args, repeats: int = 5) -> float:

@@ -18,8 +18,8 @@ import os
 
 from absl import app, flags
 
-from calibjax.analysis import diagnostics, plots
 from calibjax import results
+from calibjax.analysis import diagnostics, plots
 from experiments import common, shared_flags
 
 _FLOOR = flags.DEFINE_float("floor", 1e-3, "Visit tree nodes with path probability >= floor.")

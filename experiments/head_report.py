@@ -24,10 +24,9 @@ import os
 import jax
 from absl import app, flags
 
-from calibjax import errors, recalibration
+from calibjax import errors, recalibration, results
 from calibjax.analysis import frontier, plots
 from calibjax.recalibration import report as head_report, training as ht
-from calibjax import results
 from experiments import common, shared_flags
 
 _HEAD_DIRS = flags.DEFINE_multi_string("head_dirs", [], "name=path of a trained head "

@@ -21,11 +21,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from calibjax.core import pytree
 from jax.typing import ArrayLike
 
 from calibjax import errors
-from calibjax.core import inputs
+from calibjax.core import inputs, pytree
 from calibjax.core.rows import map_rows, on_input_mesh, replicate
 
 

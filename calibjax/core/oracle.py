@@ -12,13 +12,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from calibjax.core import pytree
 from jax.typing import ArrayLike
 
-from calibjax.core.rows import on_input_mesh
-from calibjax.core import dispatch, inputs
 from calibjax import errors
+from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.ranks import valid_ranks
+from calibjax.core.rows import on_input_mesh
 
 OBJECTIVES = ("validity", "f1", "precision")
 

@@ -13,11 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from calibjax.core import pytree
 from jax.typing import ArrayLike
 
-from calibjax.core import dispatch, inputs
 from calibjax import errors
+from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.ranks import METHODS, ValidRanks, valid_ranks
 from calibjax.core.rows import map_rows, on_input_mesh
 

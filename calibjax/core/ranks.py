@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from calibjax.core import pytree
 
-from calibjax.core import dispatch, inputs
+from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.rows import map_rows
 
 METHODS = ("threshold", "sort")

@@ -12,12 +12,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from calibjax.core import pytree
 from jax.typing import ArrayLike
 
 import calibjax_kernels as kernels
-from calibjax.core import dispatch, inputs
 from calibjax import errors
+from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.rows import map_rows, on_input_mesh
 
 

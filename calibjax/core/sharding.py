@@ -27,8 +27,8 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 import calibjax_kernels as kernels
-from calibjax.core import dispatch
 from calibjax import errors
+from calibjax.core import dispatch
 from calibjax.core.rows import DATA
 
 MODEL = "model"

@@ -21,13 +21,13 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from calibjax.core import pytree
 from jax.typing import ArrayLike
 
-from calibjax.core import dispatch, double_float, inputs, oracle, selection
-from calibjax.core.rules import ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES, softmax_parts
 from calibjax import errors
+from calibjax.core import dispatch, double_float, inputs, oracle, pytree, selection
 from calibjax.core.rows import map_rows, on_input_mesh
+from calibjax.core.rules import ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES, softmax_parts
+
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
@@ -362,7 +362,8 @@ def _pairs(values) -> jax.Array:
 @on_input_mesh
 def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[str, float]], *,
                    temperature: ArrayLike | None = None, valid_mask: ArrayLike | None = None,
-                   return_keep: bool = True, max_valid: int | None = None) -> Truncation:
+                   return_keep: bool = True, max_valid: int | None = None,
+                   implementation: str | None = None) -> Truncation:
   """Applies a chain of rules (a :class:`Sampler` or ``[(rule, param), ...]``).
 
   Rules run in the fixed order of :data:`RULES`, each on the survivors of the previous one,
@@ -370,7 +371,9 @@ def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[st
   ``validity``, …) refer to the final kept set under ``softmax(z / T)``; ``threshold`` is NaN.
   ``oracle_rank=τ`` keeps each row's oracle cutoff (:func:`calibjax.oracle_cutoff`, validity
   objective, at this temperature; every token where it is undefined); ``max_valid`` bounds
-  the valid tokens per row for it, as in :func:`calibjax.order_stats` (needed under ``jit``).
+  the valid tokens per row for it, as in :func:`calibjax.order_stats` (needed under ``jit``),
+  and ``implementation`` counts its valid ranks (:mod:`calibjax.core.dispatch`); the chain's
+  cuts and sums are XLA row functions.
 
   Example:
     >>> r = truncate_chain(jnp.log(jnp.array([.5, .3, .15, .05])), [("top_p", .95), ("top_k", 2)])
@@ -383,7 +386,8 @@ def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[st
   z, m = inputs.prepare(logits, valid_mask, temperature=t,
                         mask_required=any(r in ORACLES for r, _ in s.rules))
   if s.rules and s.rules[0][0] == ORACLE_RANK:
-    o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid)
+    o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid,
+                             implementation=implementation)
     t_rows = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:-1])
     params = _pairs(jnp.where(o.defined, o.z_star / t_rows, -jnp.inf)[..., None])
   else:

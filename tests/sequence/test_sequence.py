@@ -4,10 +4,10 @@ oracle and full forwards), on a tiny model; the accounting identity; the real mo
 import numpy as np
 import pytest
 
-from calibjax.testing import references as ref
 from calibjax import sequence, tasks
 from calibjax.core import truncation
 from calibjax.tasks.validity import token_bytes
+from calibjax.testing import references as ref
 from tests.helpers import TASK, small_lm
 
 SAMPLERS = ["t=1", "top_k=3,t=0.7", "min_p=0.2,t=1.5", "top_p=0.8", "top_p=0.95", "oracle_set",
