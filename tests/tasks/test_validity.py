@@ -16,6 +16,12 @@ def vocab(gemma_tokenizer):
   return tok.vocab, tok.types, tok.eos_id, validity.token_bytes(tok.vocab, tok.types)
 
 
+@pytest.fixture(scope="module")
+def index_cache(tmp_path_factory):
+  """One validity-index cache for the module: each task's index is built once."""
+  return str(tmp_path_factory.mktemp("index"))
+
+
 class PrefixOracle:
   """SPEC §6 by brute force: a token is valid iff text + its bytes is a prefix of some
   leading + answer + terminator string; EOS iff the text is a complete answer (when the task
@@ -49,11 +55,10 @@ def walk(index, text, byte_token):
 
 
 @pytest.mark.parametrize("name", tasks.names())
-def test_masks_equal_the_string_prefix_oracle(name, vocab, tmp_path_factory):
+def test_masks_equal_the_string_prefix_oracle(name, vocab, index_cache):
   words, types, eos, tb = vocab
   task = tasks.load(name)
-  index = validity.ValidityIndex(task, words, types, eos,
-                                 cache_dir=str(tmp_path_factory.mktemp("index")))
+  index = validity.ValidityIndex(task, words, types, eos, cache_dir=index_cache)
   oracle = PrefixOracle(task)
   byte_token = {int(w[3:-1], 16): i for i, w in enumerate(words)
                 if int(types[i]) == 6 and w.startswith("<0x")}
@@ -75,16 +80,18 @@ def test_masks_equal_the_string_prefix_oracle(name, vocab, tmp_path_factory):
   assert walk(index, b"Zz9!", byte_token) is None
 
 
-def test_prefix_answers_and_multi_token_paths(vocab):
+def test_prefix_answers_and_multi_token_paths(vocab, index_cache):
   words, types, eos, _ = vocab
-  index = validity.ValidityIndex(tasks.load("integers_1_20"), words, types, eos)
+  index = validity.ValidityIndex(tasks.load("integers_1_20"), words, types, eos,
+                                 cache_dir=index_cache)
   state = index.advance(index.initial_state, words.index("1"))
   ok = {words[i] for i in np.flatnonzero(index.mask(state, b"1"))}
   assert {"0", "9", "\n", ".", ",", "<eos>"} <= ok          # "1" complete, "10".."19" open
   state = index.advance(state, words.index("9"))
   ok = {words[i] for i in np.flatnonzero(index.mask(state, b"19"))}
   assert "0" not in ok and "<eos>" in ok                    # "190" is no answer
-  states = validity.ValidityIndex(tasks.load("us_states"), words, types, eos)
+  states = validity.ValidityIndex(tasks.load("us_states"), words, types, eos,
+                                  cache_dir=index_cache)
   s = states.advance(states.initial_state, words.index("▁New"))
   ok = {words[i] for i in np.flatnonzero(states.mask(s, b" New"))}
   assert {"▁York", "▁Hampshire", "▁Jersey", "▁Mexico"} <= ok and "<eos>" not in ok
