@@ -1,6 +1,13 @@
 """calibjax: validity–diversity calibration of language models, in JAX."""
 
+import pathlib
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'^__version__ = "([^"]+)"',
+                    (pathlib.Path(__file__).parent / "calibjax" / "__init__.py").read_text(),
+                    re.M).group(1)
 
 # Pinned: the versions the test suite and the benchmark figures were produced with
 # (see BUILD_NOTES.md for why each pin).
@@ -27,7 +34,7 @@ STACK = [
 
 setup(
     name="calibjax",
-    version="0.1.0",
+    version=VERSION,
     description="Validity–diversity calibration of language models, in JAX",
     python_requires=">=3.12",
     packages=find_packages(include=["calibjax", "calibjax.*"]) + ["calibjax_kernels"],

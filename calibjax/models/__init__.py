@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from calibjax import errors
+from calibjax import environment, errors
 from calibjax.core import sharding
 from calibjax.models import checkpoint
 from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
@@ -35,8 +35,8 @@ __all__ = ["load", "load_tokenizer", "resolve", "LanguageModel", "Gemma3", "Gemm
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("CALIBJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "calibjax")
+  """``$CALIBJAX_CACHE``, else ``~/.cache/calibjax``."""
+  return environment.cache_dir()
 
 
 def _check_source(name_or_path: str) -> None:
