@@ -37,8 +37,13 @@ setup(
     version=VERSION,
     description="Validity–diversity calibration of language models, in JAX",
     python_requires=">=3.12",
-    packages=find_packages(include=["calibjax", "calibjax.*"]) + ["calibjax_kernels"],
-    package_dir={"calibjax_kernels": "kernels"},
+    # kernels/ and experiments/ install under names no other distribution uses
+    packages=find_packages(include=["calibjax", "calibjax.*"]) + ["calibjax_kernels",
+                                                                   "calibjax_experiments"],
+    package_dir={"calibjax_kernels": "kernels", "calibjax_experiments": "experiments"},
+    entry_points={"console_scripts": [
+        f"calibjax-{name.replace('_', '-')}=calibjax_experiments.{name}:cli"
+        for name in ("diagnose", "frontier", "sample", "train_head", "head_report", "benchmark")]},
     package_data={"calibjax.tasks": ["builtin/*.json"]},
     install_requires=STACK,
     extras_require={

@@ -38,7 +38,7 @@ import os
 from absl import app, flags, logging
 
 from calibjax.results import write_json_atomic
-from experiments import benchmarking
+from . import benchmarking
 
 _OUT = flags.DEFINE_string("out", "results/benchmark", "Output folder.")
 _SHAPES = flags.DEFINE_list("shapes", ["64x262144", "8x32000"], "Shapes BxV to time.")
@@ -101,5 +101,10 @@ def main(argv):
     _write("kernels.json", report, benchmarking.format_kernel_table(report))
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-benchmark``: the installed command of ``python -m experiments.benchmark``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

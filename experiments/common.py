@@ -18,7 +18,7 @@ from absl import flags, logging
 from calibjax import errors, models, results, tasks
 from calibjax.analysis import plots
 from calibjax.core import sharding
-from experiments.shared_flags import (CACHE_DIR, COORDINATOR, DISTRIBUTED, GROUPS, HEAD, MESH,
+from .shared_flags import (CACHE_DIR, COORDINATOR, DISTRIBUTED, GROUPS, HEAD, MESH,
                                       MODEL, NUM_PROCESSES, OUT, PROCESS_ID, RESUME, TASK)
 
 def on_mesh(run):
@@ -42,16 +42,17 @@ _OPERATIONAL = {"out", "resume", "cache_dir", "task", "model", "head", "distribu
 
 
 def flag_values(binary: str, groups: tuple[str, ...] = ()) -> dict:
-  """Every flag of the binary ``binary`` (a module name under ``experiments``), of the general
-  shared flags and of the shared ``groups`` it uses (see :mod:`experiments.shared_flags`), by
-  name — the same whether the binary runs as ``python -m`` (absl then files its flags under
-  ``sys.argv[0]``) or is imported beside others (tests)."""
+  """Every flag of the binary ``binary`` (a module of this package: ``experiments`` in a
+  checkout, ``calibjax_experiments`` when installed), of the general shared flags and of the
+  shared ``groups`` it uses (see :mod:`experiments.shared_flags`), by name — the same whether
+  the binary runs as ``python -m`` (absl then files its flags under ``sys.argv[0]``), as its
+  installed command, or imported beside others (tests)."""
   main = os.path.splitext(os.path.basename(sys.argv[0]))[0]
   values = {}
   for group in ("general",) + tuple(groups):
     values.update({f.name: f.value for f in GROUPS[group]})
   for module, defined in flags.FLAGS.flags_by_module_dict().items():
-    if module == f"experiments.{binary}" or (module == sys.argv[0] and main == binary):
+    if module == f"{__package__}.{binary}" or (module == sys.argv[0] and main == binary):
       values.update({f.name: f.value for f in defined})
   return values
 

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from calibjax import results
 from calibjax.analysis import diagnostics, plots
-from experiments import common, shared_flags
+from . import common, shared_flags
 
 _FLOOR = flags.DEFINE_float("floor", 1e-3, "Visit tree nodes with path probability >= floor.")
 _MAX_NODES = flags.DEFINE_integer("max_nodes", 400, "At most this many nodes per task.")
@@ -68,5 +68,10 @@ def main():
         "report.md")
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-diagnose``: the installed command of ``python -m experiments.diagnose``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

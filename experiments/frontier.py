@@ -22,7 +22,7 @@ from absl import app, flags
 
 from calibjax import results
 from calibjax.analysis import frontier, plots
-from experiments import common, shared_flags
+from . import common, shared_flags
 
 _MC_SAMPLES = flags.DEFINE_integer("mc_samples", 0, "Monte Carlo check: samples per checked "
                                    "sampler (0: none).")
@@ -58,5 +58,10 @@ def main():
   print(f"wrote {shared_flags.OUT.value}: frontier.json frontier.png table.md")
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-frontier``: the installed command of ``python -m experiments.frontier``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -27,7 +27,7 @@ from absl import app, flags
 from calibjax import errors, recalibration, results
 from calibjax.analysis import frontier, plots
 from calibjax.recalibration import report as head_report, training as ht
-from experiments import common, shared_flags
+from . import common, shared_flags
 
 _HEAD_DIRS = flags.DEFINE_multi_string("head_dirs", [], "name=path of a trained head "
                                        "(the head/ folder of experiments.train_head).")
@@ -85,5 +85,10 @@ def main():
         f"(target {'met' if rep['target_met'] else 'not met'})")
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-head-report``: the installed command of ``python -m experiments.head_report``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -24,7 +24,7 @@ from absl import app, flags
 
 from calibjax import results, sequence
 from calibjax.core import truncation
-from experiments import common, shared_flags
+from . import common, shared_flags
 
 _SAMPLER = flags.DEFINE_string("sampler", "t=1", "The sampler, e.g. 'top_p=0.9,t=1.5'.")
 _N = flags.DEFINE_integer("n", 1000, "Samples per task.")
@@ -72,5 +72,10 @@ def main():
           f"{m['distinct_answers']} distinct answers")
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-sample``: the installed command of ``python -m experiments.sample``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from calibjax import errors, progress, recalibration
 from calibjax.recalibration import training as ht
-from experiments import common, shared_flags
+from . import common, shared_flags
 
 _KIND = flags.DEFINE_enum("head_kind", "low_rank", sorted(recalibration.HEADS), "Head type.")
 _RANK = flags.DEFINE_integer("rank", 4, "Rank of the low-rank head.")
@@ -95,5 +95,10 @@ def main():
     print(f"step {records[-1]['step']}: loss {records[-1]['loss']:.4f}")
 
 
-if __name__ == "__main__":
+def cli():
+  """``calibjax-train-head``: the installed command of ``python -m experiments.train_head``."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
