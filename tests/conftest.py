@@ -86,3 +86,18 @@ def pytest_configure(config):
       "filterwarnings",
       "ignore:Exception ignored in.*_read_array_index_and_device_put"
       ":pytest.PytestUnraisableExceptionWarning")
+
+
+# The longest test files (about 100 s each on 2 cores), started first: with one worker per
+# file (`--dist loadfile`) a long file started last would leave the other worker idle.
+LONGEST_FIRST = ("tests/sequence/", "tests/tasks/test_validity.py", "tests/kernels/",
+                 "tests/experiments/test_experiments.py", "tests/core/test_sharding.py",
+                 "tests/models/test_gemma3_golden.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    path = item.nodeid.replace("\\", "/")
+    return next((i for i, p in enumerate(LONGEST_FIRST) if path.startswith(p)),
+                len(LONGEST_FIRST))
+  items.sort(key=rank)  # stable: the order within a file is kept
