@@ -152,8 +152,7 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-# One value and a 32-value sweep per rule (the sweep spans the rule's useful range).
-# each rule's single value and 32-value sweep (calibjax.core.rules.REGISTRY)
+# One value and a 32-value sweep per rule, spanning its useful range (Rule.example, .dense)
 RULE_VALUES = {name: (r.example, np.asarray(r.dense)) for name, r in REGISTRY.items()
                if not r.oracle}
 PEER_HOW = "bash experiments/peers/setup_peer_env.sh  (creates .venv-peer: torch + transformers)"

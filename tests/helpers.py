@@ -2,6 +2,7 @@
 seven-token model, and running an experiment binary with flags."""
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -63,3 +64,14 @@ def run(module, setup, out, **extra):
 def read(path):
   with open(path) as f:
     return f.read()
+
+
+def tiny_run_setup(folder) -> dict:
+  """A tiny GGUF model and one small task file in ``folder``: what :func:`run` and the
+  binaries' command lines take (``model``, ``tasks``, ``cache_dir``)."""
+  model = str(folder / "tiny.gguf")
+  tiny.write_gguf(model, tiny.model(seed=3))
+  task = folder / "tiny_ab.json"
+  task.write_text(json.dumps({"name": "tiny_ab", "description": "test task", "prompts": ["ab"],
+                              "answers": ["ab", "b", "a", "ba"], "terminators": ["\n", "."]}))
+  return {"model": model, "tasks": [str(task)], "cache_dir": str(folder / "cache")}

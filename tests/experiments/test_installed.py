@@ -8,11 +8,13 @@ import subprocess
 import sys
 import sysconfig
 
-from calibjax.testing import tiny
+import pytest
+
 from experiments import diagnose
-from tests.helpers import ROOT, read, run
+from tests.helpers import ROOT, read, run, tiny_run_setup
 
 
+@pytest.mark.slow  # 21 s: README's test command stays under CI's 8 minutes without it
 def test_wheel_installs_and_its_command_writes_what_the_checkout_writes(tmp_path):
   src = tmp_path / "src"  # a copy: building writes build/ beside setup.py
   for name in ("calibjax", "kernels", "experiments"):
@@ -42,12 +44,8 @@ def test_wheel_installs_and_its_command_writes_what_the_checkout_writes(tmp_path
   assert all(p.startswith(site) for p in where[:3]), where
   assert int(where[3]) == 20  # the built-in tasks travel in the wheel
 
-  model = str(tmp_path / "tiny.gguf")
-  tiny.write_gguf(model, tiny.model(seed=3))
-  task = tmp_path / "tiny_ab.json"
-  task.write_text(json.dumps({"name": "tiny_ab", "description": "test task", "prompts": ["ab"],
-                              "answers": ["ab", "b", "a", "ba"], "terminators": ["\n", "."]}))
-  setup = {"model": model, "tasks": [str(task)], "cache_dir": str(tmp_path / "cache")}
+  setup = tiny_run_setup(tmp_path)
+  model, task = setup["model"], setup["tasks"][0]
   run(diagnose, setup, tmp_path / "checkout", max_nodes=8)
   out = subprocess.run(
       [str(venv / "bin" / "calibjax-diagnose"), f"--model={model}", f"--task={task}",

@@ -8,9 +8,8 @@ import socket
 import subprocess
 import sys
 
-from calibjax.testing import tiny
 from experiments import diagnose
-from tests.helpers import ROOT, read, run
+from tests.helpers import ROOT, read, run, tiny_run_setup
 
 
 
@@ -21,12 +20,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_write_what_one_writes(tmp_path):
-  model = str(tmp_path / "tiny.gguf")
-  tiny.write_gguf(model, tiny.model(seed=3))
-  task = tmp_path / "tiny_ab.json"
-  task.write_text(json.dumps({"name": "tiny_ab", "description": "test task", "prompts": ["ab"],
-                              "answers": ["ab", "b", "a", "ba"], "terminators": ["\n", "."]}))
-  setup = {"model": model, "tasks": [str(task)], "cache_dir": str(tmp_path / "cache")}
+  setup = tiny_run_setup(tmp_path)
+  model, task = setup["model"], setup["tasks"][0]
   # one process (this one, 8 fake devices, the same mesh); it also fills the caches
   run(diagnose, setup, tmp_path / "one", floor=1e-4, max_nodes=12, mesh="data:8")
 
