@@ -45,6 +45,9 @@ class SmallTokenizer:
   def encode(self, text, add_bos=True):
     return [self.bos_id] * add_bos + [self.vocab.index(c) for c in text]
 
+  def token_bytes(self):
+    return [None if kind == 3 else tok.encode() for tok, kind in zip(self.vocab, self.types)]
+
 
 def small_lm():
   """A random tiny Gemma 3 over :class:`SmallTokenizer` (every token has real mass)."""

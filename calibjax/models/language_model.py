@@ -11,8 +11,7 @@ from flax import nnx
 
 from calibjax import errors
 from calibjax.core.rows import spread
-from calibjax.models.gemma3 import Gemma3, Gemma3Config, KVCache
-from calibjax.models.tokenizer import Tokenizer
+from calibjax.models.decoder import Decoder, DecoderConfig, KVCache
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -52,8 +51,8 @@ class LanguageModel:
   marks real tokens (left or right padding both work); without it every token is real.
   """
 
-  def __init__(self, model: Gemma3, tokenizer: Tokenizer, name: str):
-    self.config: Gemma3Config = model.cfg
+  def __init__(self, model: Decoder, tokenizer, name: str):
+    self.config: DecoderConfig = model.cfg
     self.tokenizer = tokenizer
     self.vocab = tokenizer.vocab
     self.name = name
@@ -150,8 +149,9 @@ class LanguageModel:
     return np.asarray(self._greedy(self._state, logits, cache, int(new_tokens)))
 
   def embedding(self) -> jax.Array:
-    """The tied input/output embedding ``[V, d]`` (logits are ``hidden @ embeddingᵀ``)."""
-    return self._state["embed"][...]
+    """The output projection ``[V, d]`` (logits are ``hidden @ embeddingᵀ``, before any
+    soft-capping): the input embedding when tied, else ``lm_head``."""
+    return self._state["embed" if self.config.tie_embeddings else "lm_head"][...]
 
   @staticmethod
   def repeat(cache: KVCache, n: int) -> KVCache:

@@ -1,24 +1,44 @@
-"""The SentencePiece tokenizer of a Gemma checkpoint, rebuilt from GGUF metadata.
+"""Tokenizers: SentencePiece (a Gemma GGUF file's metadata, or a ``tokenizer.model``) and a
+Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library.
 
-A BPE model from the token list, scores and types, with byte fallback, split digits, the
-identity normaliser (no dummy prefix, whitespace kept, spaces escaped to "▁") and
+Both give ``encode(text, add_bos=True) -> list[int]``, ``decode(ids) -> str``, ``vocab``
+(token strings, as long as the model's vocabulary), ``bos_id``, ``eos_id`` and
+``token_bytes()``: each token's exact bytes for the validity masks (None for a token that is
+never text: control, special, unused, or past the tokenizer's end).
+
+SentencePiece: a BPE model from the token list, scores and types, with byte fallback, split
+digits, the identity normaliser (no dummy prefix, whitespace kept, spaces escaped to "▁") and
 whitespace-only pieces allowed. User-defined whitespace-run tokens are stored in GGUF with
-literal spaces and are re-escaped to "▁" form. Checked against the reference tokenizer on
-a golden corpus (``tests/models/test_tokenizer.py``).
+literal spaces and are re-escaped to "▁" form. Checked against the reference tokenizer on a
+golden corpus (``tests/models/test_tokenizer.py``).
 """
 
 from __future__ import annotations
 
-import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2 as pb
+import functools
+import json
+
+import numpy as np
+
+from calibjax import errors
 
 _BYTE, _USER, _CONTROL, _UNKNOWN, _UNUSED = 6, 4, 3, 2, 5
+_SKIP_TYPES = (_UNKNOWN, _CONTROL, _UNUSED)  # never produced as text
 
 
-class Tokenizer:
-  """``encode(text, add_bos=True) -> list[int]``, ``decode(ids) -> str``, ``vocab``."""
+def piece_bytes(piece: str, byte_fallback: bool = True) -> bytes:
+  """A SentencePiece-style token's bytes: ``<0xAB>`` is that byte, ``▁`` a space."""
+  if byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+    return bytes([int(piece[3:5], 16)])
+  return piece.replace("▁", " ").encode("utf-8")
+
+
+class SentencePieceTokenizer:
+  """The SentencePiece tokenizer of a Gemma checkpoint (see the module docstring)."""
 
   def __init__(self, tokens: list[str], scores, types, bos: int, eos: int, unk: int, pad: int):
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
     proto = pb.ModelProto()
     for tok, score, kind in zip(tokens, scores, types):
       piece = proto.pieces.add()
@@ -41,7 +61,13 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     self.vocab = list(tokens)
     self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
-    self.types = types
+    self.types = np.asarray(types)
+    self.scores = np.asarray(scores, np.float32)
+
+  def fields(self) -> dict:
+    """The constructor's arguments as JSON-able values."""
+    return dict(tokens=self.vocab, scores=self.scores.tolist(), types=self.types.tolist(),
+                bos=self.bos_id, eos=self.eos_id, unk=self.unk_id, pad=self.pad_id)
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     ids = self._sp.encode(text)
@@ -49,6 +75,94 @@ class Tokenizer:
 
   def decode(self, ids) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  @functools.cache
+  def token_bytes(self) -> list[bytes | None]:
+    return [None if int(kind) in _SKIP_TYPES else piece_bytes(tok, int(kind) == _BYTE)
+            for tok, kind in zip(self.vocab, self.types)]
+
+  def __len__(self) -> int:
+    return len(self.vocab)
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+  """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
+
+
+def _uses(node, kind: str) -> bool:
+  """Whether a tokenizer.json component (or a Sequence of them) is of ``kind``."""
+  if isinstance(node, dict):
+    return node.get("type") == kind or any(_uses(v, kind) for v in node.values())
+  if isinstance(node, list):
+    return any(_uses(v, kind) for v in node)
+  return False
+
+
+class HFTokenizer:
+  """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` library: byte-level BPE
+  (Llama 3, Qwen, Olmo) or SentencePiece-style (``▁`` and ``<0xAB>`` byte-fallback pieces:
+  Gemma, Mistral). ``encode(text, add_bos=True)`` adds the special tokens the file's
+  post-processor adds (Llama's and Gemma's BOS; none for Qwen), ``add_bos=False`` none.
+
+  Args:
+    path: the ``tokenizer.json``.
+    vocab_size: the model's vocabulary (embedding rows; often more than the tokenizer's).
+    eos_id: the end-of-sequence id (``generation_config.json`` / ``tokenizer_config.json``).
+    bos_id: the beginning-of-sequence id, None when the model has none.
+  """
+
+  def __init__(self, path: str, vocab_size: int, eos_id: int, bos_id: int | None):
+    from tokenizers import Tokenizer as Backend
+    try:
+      with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+      self._tok = Backend.from_str(json.dumps(spec))
+    except Exception as e:  # OSError, JSON, the library's own errors
+      raise errors.ModelLoadError(f"{path}: not a readable tokenizer.json ({e}).") from e
+    n = self._tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+      raise errors.ModelLoadError(f"{path}: {n} tokens, more than the model's {vocab_size} "
+                                  "embedding rows.")
+    self.vocab = [self._tok.id_to_token(i) or "" for i in range(n)] + [""] * (vocab_size - n)
+    self.special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    self.added = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    self.byte_level = _uses(spec.get("decoder"), "ByteLevel") or _uses(
+        spec.get("pre_tokenizer"), "ByteLevel")
+    self.byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+    self.size = n
+    self.eos_id, self.bos_id = eos_id, bos_id
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=add_bos).ids
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  @functools.cache
+  def token_bytes(self) -> list[bytes | None]:
+    table = _byte_decoder()
+    out = []
+    for i, tok in enumerate(self.vocab):
+      if i >= self.size or i in self.special or tok is None:
+        out.append(None)
+      elif i in self.added:  # added (non-special) tokens are stored as text
+        out.append(self.added[i].encode("utf-8"))
+      elif self.byte_level:
+        out.append(bytes(table[c] for c in tok) if all(c in table for c in tok) else None)
+      else:
+        out.append(piece_bytes(tok, self.byte_fallback))
+    return out
 
   def __len__(self) -> int:
     return len(self.vocab)

@@ -21,7 +21,7 @@ import numpy as np
 from calibjax import errors
 from calibjax.models.language_model import pad_rows
 from calibjax.tasks import Task
-from calibjax.tasks.validity import ValidityIndex, token_bytes
+from calibjax.tasks.validity import ValidityIndex
 
 
 @dataclasses.dataclass
@@ -39,9 +39,8 @@ class Tree:
 
   def __init__(self, task: Task, tokenizer, cache_dir: str | None = None):
     self.task = task
-    self.index = ValidityIndex(task, tokenizer.vocab, tokenizer.types, tokenizer.eos_id,
-                               cache_dir=cache_dir)
-    self.token_bytes = token_bytes(tokenizer.vocab, tokenizer.types)
+    self.token_bytes = tokenizer.token_bytes()
+    self.index = ValidityIndex(task, self.token_bytes, tokenizer.eos_id, cache_dir=cache_dir)
     self.eos_id = tokenizer.eos_id
 
   def root(self, mass) -> Node:

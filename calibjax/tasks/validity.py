@@ -3,8 +3,9 @@
 A task's language is ``leading · answer · terminator`` — the leading texts, the answers (or
 the answer regex) and the terminators as alternations, the terminator *required* (an
 optional one would let leftmost-first matching drop "10" after "1"). ``outlines-core``
-compiles it against the tokenizer's vocabulary given as bytes (SentencePiece "▁" is a
-space, byte tokens ``<0xAB>`` are that byte, control and unused tokens never match), so a
+compiles it against the tokenizer's vocabulary given as bytes (``tokenizer.token_bytes()``:
+SentencePiece "▁" is a space, byte tokens ``<0xAB>`` are that byte, byte-level BPE tokens map
+back through the byte alphabet, control and special tokens never match), so a
 token is valid exactly when the text so far plus the token's bytes is still a prefix of
 the language: multi-token answers, non-canonical tokenisations, byte-fallback tokens and
 tokens that would run past a terminator are all decided at the string level.
@@ -30,7 +31,6 @@ from calibjax import errors
 from calibjax.tasks.schema import Task
 
 _META = set("\\.+*?()|[]{}^$#&-~")
-_SKIP_TYPES = (2, 3, 5)  # unknown, control, unused: never produced as text
 
 
 def _escape(text: str) -> str:
@@ -49,19 +49,6 @@ def task_regex(task: Task) -> str:
     answers = f"(?i:{answers})"
   terms = _alternation(task.terminators) if task.terminators else "()"
   return _alternation(task.leading) + answers + terms
-
-
-def token_bytes(vocab: list[str], types) -> list[bytes | None]:
-  """Each token's bytes (None for tokens that never appear as text)."""
-  out = []
-  for tok, kind in zip(vocab, types):
-    if int(kind) in _SKIP_TYPES:
-      out.append(None)
-    elif int(kind) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-      out.append(bytes([int(tok[3:-1], 16)]))
-    else:
-      out.append(tok.replace("▁", " ").encode("utf-8"))
-  return out
 
 
 def _write_index(path: str, index) -> None:
@@ -98,15 +85,14 @@ class ValidityIndex:
   which decide EOS); ``advance(state, token) -> state or None`` (None: the token is invalid).
   """
 
-  def __init__(self, task: Task, vocab: list[str], types, eos_id: int,
+  def __init__(self, task: Task, token_bytes: list[bytes | None], eos_id: int,
                cache_dir: str | None = None):
     from outlines_core import Index, Vocabulary
     self.task = task
-    self.vocab_size = len(vocab)
+    self.vocab_size = len(token_bytes)
     self.eos_id = eos_id
-    tb = token_bytes(vocab, types)
     table: dict[bytes, list[int]] = {}
-    for i, b in enumerate(tb):
+    for i, b in enumerate(token_bytes):
       if b is not None and b and i != eos_id:
         table.setdefault(b, []).append(i)
     self.regex = task_regex(task)

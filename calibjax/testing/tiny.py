@@ -1,28 +1,31 @@
 """Tiny Gemma 3 checkpoints the tests build themselves: a config, random NNX weights, a
-byte-level tokenizer and a GGUF file written with the `gguf` package."""
+byte-level tokenizer, a GGUF file written with the `gguf` package and a Hugging Face folder."""
 
 import numpy as np
 from flax import nnx
 
-from calibjax.models.gemma3 import Gemma3, Gemma3Config
-from calibjax.models.tokenizer import Tokenizer
+from calibjax.models import families
+from calibjax.models.decoder import FULL, SLIDING, Decoder, DecoderConfig, Rope
+from calibjax.models.tokenizer import SentencePieceTokenizer
 
 TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{i:02X}>" for i in range(256)] + [
     "▁", "▁a", "b", "▁ab", "  "]
 TYPES = [3, 3, 3, 2] + [6] * 256 + [1, 1, 1, 1, 4]
 # Six layers: the architecture's pattern makes layer 5 global, 0-4 sliding-window (5 tokens).
-CONFIG = Gemma3Config(vocab_size=len(TOKENS), hidden=32, layers=6, ffn=64, heads=4,
-                      kv_heads=2, head_dim=16, eps=float(np.float32(1e-6)), sliding_window=5,
-                      rope_global=1e6, context_length=128)
+CONFIG = DecoderConfig(
+    family="gemma3_text", vocab_size=len(TOKENS), hidden=32, layers=6, ffn=64, heads=4,
+    kv_heads=2, head_dim=16, eps=float(np.float32(1e-6)), sliding_window=5,
+    layer_types=(SLIDING,) * 5 + (FULL,), rope=((FULL, Rope(1e6)), (SLIDING, Rope(10_000.0))),
+    query_pre_attn_scalar=16.0, context_length=128, **families.SWITCHES["gemma3_text"])
 
 
-def tokenizer() -> Tokenizer:
-  return Tokenizer(TOKENS, np.linspace(0, -1, len(TOKENS)), np.array(TYPES), bos=2, eos=1,
+def tokenizer() -> SentencePieceTokenizer:
+  return SentencePieceTokenizer(TOKENS, np.linspace(0, -1, len(TOKENS)), np.array(TYPES), bos=2, eos=1,
                    unk=3, pad=0)
 
 
-def model(seed: int = 0, cfg: Gemma3Config = CONFIG) -> Gemma3:
-  m = Gemma3(cfg, nnx.Rngs(seed))
+def model(seed: int = 0, cfg: DecoderConfig = CONFIG) -> Decoder:
+  m = Decoder(cfg, nnx.Rngs(seed))
   # non-trivial norms, so the (1 + w) convention is exercised
   for path, var in nnx.iter_graph(m):
     if isinstance(var, nnx.Param) and path[-1] == "weight":
@@ -30,7 +33,7 @@ def model(seed: int = 0, cfg: Gemma3Config = CONFIG) -> Gemma3:
   return m
 
 
-def _params(m: Gemma3):
+def _params(m: Decoder):
   state = nnx.to_pure_dict(nnx.state(m))
 
   def get(key):
@@ -41,12 +44,13 @@ def _params(m: Gemma3):
   return get
 
 
-def write_hf(folder: str, m: Gemma3) -> None:
-  """Writes ``m`` as a Hugging Face Gemma 3 directory (text model, HF tensor names)."""
+def write_hf(folder: str, m: Decoder) -> None:
+  """Writes ``m`` (a Gemma 3 configuration) as a Hugging Face folder: ``config.json``, HF
+  tensor names (the inverse of the family's recipes) and the SentencePiece
+  ``tokenizer.model``."""
   import json
   import os
   from safetensors.numpy import save_file
-  from calibjax.models.hf_checkpoint import LAYER_TENSORS
   cfg = m.cfg
   os.makedirs(folder, exist_ok=True)
   config = {"model_type": "gemma3_text", "vocab_size": cfg.vocab_size,
@@ -54,24 +58,23 @@ def write_hf(folder: str, m: Gemma3) -> None:
             "intermediate_size": cfg.ffn, "num_attention_heads": cfg.heads,
             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
             "rms_norm_eps": cfg.eps, "sliding_window": cfg.sliding_window,
-            "rope_theta": cfg.rope_global, "rope_local_base_freq": cfg.rope_local,
-            "query_pre_attn_scalar": cfg.head_dim, "max_position_embeddings": cfg.context_length,
-            "layer_types": ["full_attention" if cfg.is_global(i) else "sliding_attention"
-                            for i in range(cfg.layers)]}
+            "rope_theta": dict(cfg.rope)[FULL].theta,
+            "rope_local_base_freq": dict(cfg.rope)[SLIDING].theta,
+            "query_pre_attn_scalar": cfg.query_pre_attn_scalar,
+            "max_position_embeddings": cfg.context_length, "layer_types": list(cfg.layer_types)}
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f)
   get = _params(m)
-  tensors = {"model.embed_tokens.weight": get("embed"), "model.norm.weight": get("final_norm.weight")}
-  for i in range(cfg.layers):
-    for name, (target, transpose) in LAYER_TENSORS.items():
-      t = get(f"blocks.{i}.{target}")
-      tensors[f"model.layers.{i}.{name}"] = np.ascontiguousarray(t.T) if transpose else t
+  tensors = {}
+  for target, ((name,), fn) in families.recipes(cfg, set(), "model.").items():
+    t = get(target)
+    tensors[name] = np.ascontiguousarray(t.T) if fn is families.transposed else t
   save_file(tensors, os.path.join(folder, "model.safetensors"))
   with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
     f.write(tokenizer().model_proto)
 
 
-def write_gguf(path: str, m: Gemma3, arch: str = "gemma3", drop: str | None = None) -> None:
+def write_gguf(path: str, m: Decoder, arch: str = "gemma3", drop: str | None = None) -> None:
   """Writes ``m`` as GGUF (F32 tensors, llama.cpp's layout and 1 + w norms)."""
   import gguf
   from calibjax.models.gguf import BLOCK_TENSORS
@@ -86,7 +89,7 @@ def write_gguf(path: str, m: Gemma3, arch: str = "gemma3", drop: str | None = No
   w.add_uint32(f"{arch}.attention.value_length", cfg.head_dim)
   w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.eps)
   w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
-  w.add_float32(f"{arch}.rope.freq_base", cfg.rope_global)
+  w.add_float32(f"{arch}.rope.freq_base", dict(cfg.rope)[FULL].theta)
   w.add_uint32(f"{arch}.context_length", cfg.context_length)
   w.add_tokenizer_model("llama")
   w.add_token_list(TOKENS)

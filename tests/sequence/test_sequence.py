@@ -6,7 +6,6 @@ import pytest
 
 from calibjax import sequence, tasks
 from calibjax.core import truncation
-from calibjax.tasks.validity import token_bytes
 from calibjax.testing import references as ref
 from tests.helpers import TASK, small_lm
 
@@ -29,7 +28,7 @@ def reference_probs(z, valid, spec):
 
 def valid_mask(tok, task, text):
   """String-prefix oracle: the tokens that keep ``text`` a prefix of a full answer."""
-  tb = token_bytes(tok.vocab, tok.types)
+  tb = tok.token_bytes()
   full = {(l + a + x).encode() for l in task.leading for a in task.answers for x in task.terminators}
   complete = {(l + a).encode() for l in task.leading for a in task.answers}
   prefixes = {s[:k] for s in full for k in range(1, len(s) + 1)}
@@ -41,7 +40,7 @@ def valid_mask(tok, task, text):
 def brute_force(lm, task, sampler):
   """P_S(answer) by depth-first enumeration of every valid token sequence."""
   tok = lm.tokenizer
-  tb = token_bytes(tok.vocab, tok.types)
+  tb = tok.token_bytes()
   full = {(l + a + x).encode(): i for l in task.leading for i, a in enumerate(task.answers)
           for x in task.terminators}
   complete = {(l + a).encode(): i for l in task.leading for i, a in enumerate(task.answers)}

@@ -13,7 +13,7 @@ from calibjax.tasks import validity
 @pytest.fixture(scope="module")
 def vocab(gemma_tokenizer):
   tok = gemma_tokenizer
-  return tok.vocab, tok.types, tok.eos_id, validity.token_bytes(tok.vocab, tok.types)
+  return tok.vocab, tok.eos_id, tok.token_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +56,11 @@ def walk(index, text, byte_token):
 
 @pytest.mark.parametrize("name", tasks.names())
 def test_masks_equal_the_string_prefix_oracle(name, vocab, index_cache):
-  words, types, eos, tb = vocab
+  words, eos, tb = vocab
   task = tasks.load(name)
-  index = validity.ValidityIndex(task, words, types, eos, cache_dir=index_cache)
+  index = validity.ValidityIndex(task, tb, eos, cache_dir=index_cache)
   oracle = PrefixOracle(task)
-  byte_token = {int(w[3:-1], 16): i for i, w in enumerate(words)
-                if int(types[i]) == 6 and w.startswith("<0x")}
+  byte_token = {tb[i][0]: i for i, w in enumerate(words) if w.startswith("<0x")}
   rng = random.Random(name)
   prefixes = {b""}
   for _ in range(3):
@@ -81,8 +80,8 @@ def test_masks_equal_the_string_prefix_oracle(name, vocab, index_cache):
 
 
 def test_prefix_answers_and_multi_token_paths(vocab, index_cache):
-  words, types, eos, _ = vocab
-  index = validity.ValidityIndex(tasks.load("integers_1_20"), words, types, eos,
+  words, eos, tb = vocab
+  index = validity.ValidityIndex(tasks.load("integers_1_20"), tb, eos,
                                  cache_dir=index_cache)
   state = index.advance(index.initial_state, words.index("1"))
   ok = {words[i] for i in np.flatnonzero(index.mask(state, b"1"))}
@@ -90,7 +89,7 @@ def test_prefix_answers_and_multi_token_paths(vocab, index_cache):
   state = index.advance(state, words.index("9"))
   ok = {words[i] for i in np.flatnonzero(index.mask(state, b"19"))}
   assert "0" not in ok and "<eos>" in ok                    # "190" is no answer
-  states = validity.ValidityIndex(tasks.load("us_states"), words, types, eos,
+  states = validity.ValidityIndex(tasks.load("us_states"), tb, eos,
                                   cache_dir=index_cache)
   s = states.advance(states.initial_state, words.index("▁New"))
   ok = {words[i] for i in np.flatnonzero(states.mask(s, b" New"))}
@@ -111,7 +110,8 @@ def test_index_cache_is_plain_data_checked_by_its_digest(tmp_path, capsys):
   import pickle
   from calibjax.testing import tiny
   task = tasks.load("coin_flip")
-  build = lambda: validity.ValidityIndex(task, tiny.TOKENS, tiny.TYPES, 1, cache_dir=str(tmp_path))
+  build = lambda: validity.ValidityIndex(task, tiny.tokenizer().token_bytes(), 1,
+                                         cache_dir=str(tmp_path))
   masks = lambda idx: np.stack([idx.mask(idx.initial_state, b"")] + [
       idx.mask(s, b"") for s in [idx.advance(idx.initial_state, 4 + ord(" "))] if s is not None])
   first = build()
