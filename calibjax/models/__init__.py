@@ -128,7 +128,7 @@ def _convert(path: str, folder: str, progress: bool, mesh) -> None:
                                     "tensor", iterable=params(shapes), total=len(shapes),
                                     enabled=progress):
     k = key(target)
-    leaves[k] = leaves[k].replace(jax.device_put(value, where[k].get_value() if where else None))
+    leaves[k] = leaves[k].replace(jax.device_put(value, where.get(k)))
     done.add(k)
   if len(done) != len(leaves):
     raise errors.ModelLoadError(f"{path}: no tensor for {sorted(set(leaves) - done)[:5]}.")

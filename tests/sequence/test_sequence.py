@@ -176,3 +176,25 @@ def test_wilson_interval_hand_values():
   lo, hi = sequence.wilson(5, 10, 0.95)
   assert (lo, hi) == pytest.approx((0.2366, 0.7634), abs=1e-4)
   assert tuple(sequence.wilson(0, 20, 0.95)) == pytest.approx((0.0, 0.1611), abs=1e-4)
+
+
+def test_exact_equals_brute_force_on_a_byte_level_family(tmp_path):
+  """The same on a tiny random Qwen3 checkpoint (``tests/data/families``): byte-level BPE
+  tokens, a padded vocabulary (320 rows, 300 tokens), no BOS."""
+  import os
+  from calibjax import models
+  from tests.helpers import ROOT
+  lm = models.load(os.path.join(ROOT, "tests", "data", "families", "qwen3"),
+                   cache_dir=str(tmp_path), progress=False)
+  embed = lm._state["embed"]  # moderate logits (as small_lm): the answers get real mass
+  embed.set_value(embed.get_value() * 0.1)
+  task = tasks.from_dict({"name": "states", "description": "", "prompts": ["Answer:"],
+                          "answers": ["Ohio", "Texas", "Utah"], "terminators": ["\n", "."]})
+  samplers = ["t=1", "top_k=40", "min_p=0.5,t=1.5"]
+  res = sequence.exact(lm, task, samplers, bound=1e-30, progress=False)
+  assert res.bound_reached and res.nodes_expanded > 5
+  # a random model: the answers are rare (~1e-12), so they are compared relatively
+  assert (res.samplers[0].answer_probs > 1e-16).all()
+  for s, r in zip(samplers, res.samplers):
+    np.testing.assert_allclose(r.answer_probs, brute_force(lm, task, s), rtol=1e-5, atol=1e-28,
+                               err_msg=s)

@@ -1,0 +1,182 @@
+"""Every model family against its reference implementation: the tiny random checkpoints of
+``tests/data/families`` (made by ``experiments/peers/make_family_fixtures.py`` with
+`transformers`, every tensor re-randomised) and their float32 / float64 log-probabilities over
+304-token prompts (past every sliding window and scaled-RoPE range). Also: cached decoding,
+the mesh, and the errors of broken checkpoints."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from calibjax import errors, models
+from calibjax.models import families, hf_checkpoint
+from tests.helpers import ROOT
+
+DATA = os.path.join(ROOT, "tests", "data", "families")
+VARIANTS = sorted(os.listdir(DATA))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("family-cache"))
+
+
+def load(name, cache, **kw):
+  return models.load(os.path.join(DATA, name), cache_dir=cache, progress=False, **kw)
+
+
+def log_probs(lm, ids):
+  z = np.asarray(lm.logits(ids), np.float64)[0]
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_every_family_and_variant_is_here():
+  kinds = {json.load(open(os.path.join(DATA, v, "config.json")))["model_type"] for v in VARIANTS}
+  assert kinds == set(families.FAMILIES)
+  assert len(VARIANTS) == 11
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_log_probs_equal_the_reference_at_every_position(name, cache):
+  """Within 1e-4 of the float32 reference, or within twice that reference's own distance
+  from the float64 one (its float32 rounding), of the float64 reference."""
+  ref = np.load(os.path.join(DATA, name, "reference.npz"))
+  lm = load(name, cache)
+  ids = ref["ids"]
+  logp = log_probs(lm, ids)
+  following = np.append(ids[0, 1:], 0)
+  got = np.concatenate([logp[:, ref["columns"]], logp[np.arange(ids.shape[1]), following][:, None]],
+                       1)
+  error32 = np.abs(got - ref["float32"]).max()
+  rounding = np.abs(ref["float32"] - ref["float64"]).max()
+  assert error32 <= 1e-4 or np.abs(got - ref["float64"]).max() <= 2 * rounding, (
+      error32, rounding)
+  assert lm.tokenizer.decode(lm.tokenizer.encode("Randomly name a state", add_bos=False)) == (
+      "Randomly name a state")
+
+
+@pytest.mark.parametrize("name", ["llama3", "olmo3", "qwen3_moe", "gemma2"])
+def test_cached_decoding_equals_the_full_forward(name, cache):
+  lm = load(name, cache)
+  ids = np.load(os.path.join(DATA, name, "reference.npz"))["ids"][:, :40]
+  ids = np.concatenate([ids, ids[:, ::-1]])  # two rows
+  want = np.asarray(lm.logits(ids))
+  logits, _, kv = lm.prefill(ids[:, :30], max_new_tokens=10)
+  np.testing.assert_allclose(np.asarray(logits), want[:, 29], atol=5e-5)
+  for t in range(30, 40):
+    logits, _, kv = lm.decode(kv, ids[:, t])
+    np.testing.assert_allclose(np.asarray(logits), want[:, t], atol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "olmo3"])
+def test_on_a_mesh_equals_one_device(name, cache, tmp_path):
+  """``--mesh=data:2,model:4`` on the 8 CPU devices: the single-device numbers."""
+  import jax
+  from calibjax.core import sharding
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 (fake) devices")
+  plain = load(name, cache)
+  sharded = load(name, str(tmp_path), mesh=sharding.make_mesh("data:2,model:4"))
+  q = sharded._state["blocks"][0]["attn"]["q_proj"].get_value()
+  assert q.sharding.spec == jax.sharding.PartitionSpec("data", "model")
+  ids = np.load(os.path.join(DATA, name, "reference.npz"))["ids"][:, :24].repeat(2, 0)
+  np.testing.assert_allclose(sharded.logits(ids), plain.logits(ids), atol=3e-5)
+  np.testing.assert_array_equal(sharded.greedy(ids, None, 5), plain.greedy(ids, None, 5))
+
+
+def test_bfloat16_runs_every_tensor_in_bfloat16(cache):
+  lm16 = load("qwen3_moe", cache, dtype="bfloat16")
+  import jax
+  assert {str(x.dtype) for x in jax.tree.leaves(lm16._state)} == {"bfloat16"}
+  ids = np.load(os.path.join(DATA, "qwen3_moe", "reference.npz"))["ids"][:, :32]
+  l16, l32 = np.asarray(lm16.logits(ids)), np.asarray(load("qwen3_moe", cache).logits(ids))
+  assert l16.dtype == np.float32 and np.abs(l16 - l32).max() < 0.05 * np.abs(l32).max()
+
+
+def copy(name, tmp_path):
+  folder = tmp_path / name
+  shutil.copytree(os.path.join(DATA, name), folder)
+  return folder
+
+
+def rewrite(folder, change):
+  """Rewrites ``model.safetensors`` with ``change(tensors)`` applied."""
+  from safetensors.numpy import save_file
+  f = hf_checkpoint.SafetensorsFile(str(folder / "model.safetensors"))
+  tensors = {n: f.read(n) for n in f.header}
+  change(tensors)
+  save_file(tensors, str(folder / "model.safetensors"))
+
+
+def test_broken_checkpoints_are_errors_that_name_the_tensor(tmp_path):
+  cases = {
+      "unknown": (lambda t: t.update({"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}),
+                  r"do(es)? not know.*mlp\.extra\.weight"),
+      "missing": (lambda t: t.pop("model.layers.1.self_attn.q_norm.weight"),
+                  r"missing.*layers\.1\.self_attn\.q_norm\.weight"),
+      "shape": (lambda t: t.update({"model.norm.weight": np.zeros(31, np.float32)}),
+                r"model\.norm\.weight gives final_norm\.weight of shape \(31,\)"),
+  }
+  for what, (change, message) in cases.items():
+    folder = copy("qwen3", tmp_path / what)
+    rewrite(folder, change)
+    with pytest.raises(errors.ModelLoadError, match=message):
+      models.load(str(folder), cache_dir=str(tmp_path / "c"), progress=False)
+
+
+def test_unsupported_architectures_and_files(tmp_path):
+  folder = copy("qwen3", tmp_path)
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_5_moe"}))
+  with pytest.raises(errors.ModelLoadError, match="unsupported architecture.*'qwen3_5_moe'"):
+    models.load(str(folder), cache_dir=str(tmp_path / "c"), progress=False)
+  rope = {**config, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}
+  (folder / "config.json").write_text(json.dumps(rope))
+  with pytest.raises(errors.ModelLoadError, match="RoPE type 'longrope'"):
+    models.load(str(folder), cache_dir=str(tmp_path / "c"), progress=False)
+  (folder / "config.json").write_text(json.dumps(config))
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+  with pytest.raises(errors.ModelLoadError, match="past the end of the file"):
+    models.load(str(folder), cache_dir=str(tmp_path / "c"), progress=False)
+  sharded = copy("qwen25", tmp_path)
+  os.remove(sharded / "model-00002-of-00002.safetensors")
+  with pytest.raises(errors.ModelLoadError, match=r"shard\(s\) \['model-00002-of-00002"):
+    models.load(str(sharded), cache_dir=str(tmp_path / "c"), progress=False)
+
+
+def test_rope_from_legacy_and_new_config_formats_agree():
+  """Llama 3's ``rope_scaling`` + ``rope_theta`` and the same as ``rope_parameters``."""
+  legacy = json.load(open(os.path.join(DATA, "llama3", "config.json")))
+  assert "rope_scaling" in legacy and "rope_parameters" not in legacy
+  new = {k: v for k, v in legacy.items() if k not in ("rope_scaling", "rope_theta")}
+  new["rope_parameters"] = {**legacy["rope_scaling"], "rope_theta": legacy["rope_theta"]}
+  a, b = families.read_config(legacy, "legacy"), families.read_config(new, "new")
+  assert a == b and a.rope_of(0).kind == "llama3" and a.rope_of(0).original_context == 64
+
+
+def test_token_bytes_agree_with_the_tokenizers_library(cache):
+  """Each byte-level token's bytes (through the byte alphabet) decode to what the
+  `tokenizers` library decodes it to; special tokens and the padded rows are never text."""
+  lm = load("llama3", cache)
+  tok = lm.tokenizer
+  tb = tok.token_bytes()
+  assert len(tb) == lm.config.vocab_size == 320 and tb[300:] == [None] * 20
+  assert tb[:3] == [None] * 3  # <|bos|>, <|eos|>, <|pad|>
+  checked = 0
+  for i, b in enumerate(tb[3:300], 3):
+    try:
+      text = b.decode("utf-8")
+    except UnicodeDecodeError:  # a part of a multi-byte character
+      continue
+    assert text == tok.decode([i]), i
+    checked += 1
+  assert checked > 200
+  text = "Randomly name a state in US. New York, Ohio!"
+  ids = tok.encode(text, add_bos=False)
+  assert b"".join(tb[i] for i in ids) == text.encode()
+  assert tok.encode(text)[0] == tok.bos_id == 0 and tok.eos_id == 1
