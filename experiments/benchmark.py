@@ -15,10 +15,14 @@ Expected output: tables of times (ms) and ratios, and two files:
   value), ``calibjax_sweep32_ms``, ``numpy_ref_ms``, ``peer_ms`` and ``peer_over_calibjax``
   (PyTorch warpers in ``.venv-peer``; when it is absent the report says how to create it),
   ``calibjax_over_floor``, ``sweep32_over_one``, targets met at [64, 262144];
-- ``model.json`` (section ``model``): cold load (GGUF → first logits) and warm load (cache →
-  first logits) seconds, prefill of 8 × 128 tokens and greedy decoding of 32 tokens for a
-  batch of 8 in tokens/s, and the same for the PyTorch Gemma 3 (``calibjax_over_peer``);
-- ``sequence.json`` (section ``sequence``): US states on the packaged model, exact
+- ``model.json`` (section ``model``, on ``--model``: the packaged Gemma 3, a GGUF file or a
+  Hugging Face folder of any family): cold load (checkpoint → first logits) and warm load
+  (cache → first logits) seconds, prefill of 8 × 128 tokens and greedy decoding of 32 tokens
+  for a batch of 8 in tokens/s, and the same for the PyTorch reference in `transformers`
+  (``calibjax_over_peer``); ``load_memory``: the peak host memory a cold and a warm load
+  add, in fresh processes, and its ratio to the weight files' size (a folder loaded in
+  bfloat16);
+- ``sequence.json`` (section ``sequence``): US states on ``--model``, exact
   enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time,
   nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
   ``mc1000_one_sampler_over_exact_64_samplers``;
@@ -51,6 +55,8 @@ _SECTIONS = flags.DEFINE_multi_enum(
     ["metrics", "truncation", "model", "sequence", "kernels"],
     "Sections to run (kernels: on an accelerator, --sections=kernels).")
 _KERNEL_SHAPE = flags.DEFINE_string("kernel_shape", "256x262144", "Shape BxV of the kernels section.")
+_MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model of the model and sequence sections: "
+                             "a name, .gguf file or Hugging Face folder.")
 _PEER_PYTHON = flags.DEFINE_string("peer_python", ".venv-peer/bin/python",
                                    "Python of the PyTorch peer environment ('' to skip).")
 
@@ -85,14 +91,18 @@ def main(argv):
         seed=_SEED.value, peer_python=peer))
     _write("truncation.json", report, benchmarking.format_truncation_table(report))
   if "model" in _SECTIONS.value:
-    report = benchmarking.run_model_benchmark(benchmarking.ModelBenchmarkConfig(peer_python=peer))
+    report = benchmarking.run_model_benchmark(benchmarking.ModelBenchmarkConfig(
+        model=_MODEL.value, peer_python=peer))
     keys = ("cold_load_s", "warm_load_s", "prefill_tokens_per_s", "decode_tokens_per_s",
             "prefill_calibjax_over_peer", "decode_calibjax_over_peer")
+    memory = {f"load_memory.{k}": v for k, v in report["load_memory"].items()
+              if isinstance(v, float)}
     _write("model.json", report,
-           "\n".join(f"{k:28s} {report[k]:.2f}" for k in keys if k in report))
+           "\n".join(f"{k:36s} {v:.2f}" for k, v in
+                     [(k, report[k]) for k in keys if k in report] + list(memory.items())))
   if "sequence" in _SECTIONS.value:
     report = benchmarking.run_sequence_benchmark(benchmarking.SequenceBenchmarkConfig(
-        seed=_SEED.value))
+        model=_MODEL.value, seed=_SEED.value))
     keys = ("exact_s", "nodes_expanded", "mc_s", "mc1000_one_sampler_over_exact_64_samplers")
     _write("sequence.json", report, "\n".join(f"{k:42s} {report[k]:.2f}" for k in keys))
   if "kernels" in _SECTIONS.value:

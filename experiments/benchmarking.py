@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import json
 import os
 import platform
 import time
@@ -265,7 +266,8 @@ def format_truncation_table(report: dict) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelBenchmarkConfig:
-  """The packaged model, prefill ``batch × prompt_len``, ``new_tokens`` greedy steps."""
+  """A model (name, GGUF file or Hugging Face folder), prefill ``batch × prompt_len``,
+  ``new_tokens`` greedy steps."""
   model: str = "gemma3-270m"
   batch: int = 8
   prompt_len: int = 128
@@ -274,16 +276,62 @@ class ModelBenchmarkConfig:
   peer_python: str | None = ".venv-peer/bin/python"
 
 
+_LOAD_MEMORY = """
+import json, resource, sys, time
+from calibjax import models
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+lm = models.load(sys.argv[1], cache_dir=sys.argv[2], dtype=sys.argv[3], progress=False)
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "s": time.perf_counter() - start}))
+"""
+
+
+def _disk_bytes(path: str) -> int:
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+             if f.endswith((".safetensors", ".gguf")))
+
+
+def load_memory(model: str, dtype: str) -> dict:
+  """Peak host memory (``ru_maxrss``) of a cold and then a warm :func:`calibjax.models.load`,
+  each in a fresh process, less the process's peak before loading; and as ratios to the
+  checkpoint's size on disk (its weight files)."""
+  import subprocess
+  import sys
+  import tempfile
+  from calibjax import models
+  path = models.resolve(model)
+  disk = _disk_bytes(path)
+  out = {"disk_mb": disk / 2**20, "dtype": dtype}
+  with tempfile.TemporaryDirectory() as cache:
+    for kind in ("cold", "warm"):
+      run = subprocess.run([sys.executable, "-c", _LOAD_MEMORY, path, cache, dtype],
+                           capture_output=True, text=True, check=True)
+      r = json.loads(run.stdout.strip().splitlines()[-1])
+      added = (r["peak_kb"] - r["base_kb"]) * 1024
+      out[f"{kind}_load_s"] = r["s"]
+      out[f"{kind}_peak_added_mb"] = added / 2**20
+      out[f"{kind}_peak_added_over_disk"] = added / disk
+  return out
+
+
 def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dict:
-  """Cold and warm load, prefill and greedy-decode throughput, against the PyTorch peer."""
+  """Cold and warm load, prefill and greedy-decode throughput, against the PyTorch peer;
+  the load's peak host memory."""
   import tempfile
   from calibjax import models
   report = {"environment": environment(), "config": dataclasses.asdict(cfg)}
-  ids = np.random.default_rng(0).integers(10, 20000, (cfg.batch, cfg.prompt_len))
+  log("peak host memory of loading (fresh processes)")
+  report["load_memory"] = load_memory(cfg.model, "bfloat16" if os.path.isdir(
+      models.resolve(cfg.model)) else "float32")
   with tempfile.TemporaryDirectory() as cache:
     log("cold load (GGUF -> first logits)")
     start = time.perf_counter()
     lm = models.load(cfg.model, cache_dir=cache, progress=False)
+    ids = np.random.default_rng(0).integers(10, min(20000, lm.config.vocab_size),
+                                            (cfg.batch, cfg.prompt_len))
     jax.block_until_ready(lm.logits(ids[:1, :8]))
     report["cold_load_s"] = time.perf_counter() - start
     log("warm load (cache -> first logits)")
@@ -300,7 +348,7 @@ def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dic
   report["prefill_tokens_per_s"] = cfg.batch * cfg.prompt_len / prefill_s
   report["decode_tokens_per_s"] = cfg.batch * cfg.new_tokens / max(total_s - prefill_s, 1e-9)
   log("PyTorch reference (peer environment)")
-  peer = run_peer("torch_gemma3.py", ["time", models.resolve(cfg.model)], cfg.peer_python,
+  peer = run_peer("torch_model.py", ["time", models.resolve(cfg.model)], cfg.peer_python,
                   log)
   report["peer"] = peer
   if peer["available"]:

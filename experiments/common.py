@@ -18,8 +18,8 @@ from absl import flags, logging
 from calibjax import errors, models, results, tasks
 from calibjax.analysis import plots
 from calibjax.core import sharding
-from .shared_flags import (CACHE_DIR, COORDINATOR, DISTRIBUTED, GROUPS, HEAD, MESH,
-                                      MODEL, NUM_PROCESSES, OUT, PROCESS_ID, RESUME, TASK)
+from .shared_flags import (CACHE_DIR, COORDINATOR, DISTRIBUTED, DTYPE, GROUPS, HEAD, MESH,
+                           MODEL, NUM_PROCESSES, OUT, PROCESS_ID, RESUME, TASK)
 
 def on_mesh(run):
   """Runs a binary's ``run()`` as one of ``--distributed`` processes (if asked) and under the
@@ -180,4 +180,4 @@ def load_model():
   mesh = sharding.make_mesh(MESH.value) if MESH.value else None
   if mesh is not None and sharding.MODEL not in mesh.axis_names:
     mesh = None
-  return models.load(MODEL.value, cache_dir=CACHE_DIR.value, mesh=mesh)
+  return models.load(MODEL.value, cache_dir=CACHE_DIR.value, mesh=mesh, dtype=DTYPE.value)

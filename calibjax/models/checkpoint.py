@@ -1,6 +1,6 @@
 """The one checkpoint module: every Orbax save and restore of calibjax goes through here.
 
-A cache entry is a folder holding ``state/`` (an Orbax ``StandardCheckpointer`` save of an
+A cache entry is a folder holding ``state/`` (an Orbax standard-checkpoint save of an
 NNX state), any number of small side files (JSON, bytes), and ``COMPLETE`` — written last,
 holding the SHA-256 of every side file and of every file Orbax wrote under ``state/``. An
 entry without ``COMPLETE``, with a file that is missing, extra or does not match its digest
@@ -22,6 +22,15 @@ import jax
 from calibjax import errors
 
 _MARKER = "COMPLETE"
+# Orbax stages at most this many GB of tensors in host memory at once while saving or
+# restoring (its default, 96, stages a whole 8B model: a second copy on the host)
+_STAGING_GB = 1
+
+
+def _checkpointer():
+  import orbax.checkpoint as ocp
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=_STAGING_GB,
+                                                        restore_concurrent_gb=_STAGING_GB))
 
 
 def _sha(data: bytes) -> str:
@@ -49,9 +58,9 @@ def save(folder: str, state, files: dict[str, bytes]) -> None:
   if os.path.exists(folder):
     shutil.rmtree(folder)
   os.makedirs(folder)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(os.path.abspath(folder), "state"), state)
-    ckpt.wait_until_finished()
+  with _checkpointer() as ckpt:
+    ckpt.save(os.path.join(os.path.abspath(folder), "state"),
+              args=ocp.args.StandardSave(state))
   for name, data in files.items():
     with open(os.path.join(folder, name), "wb") as f:
       f.write(data)
@@ -124,8 +133,9 @@ def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
       lambda a: a if _placed(getattr(a, "sharding", None)) else
       jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract_state)
   try:
-    with ocp.StandardCheckpointer() as ckpt:
-      state = ckpt.restore(os.path.join(os.path.abspath(folder), "state"), abstract_state)
+    with _checkpointer() as ckpt:
+      state = ckpt.restore(os.path.join(os.path.abspath(folder), "state"),
+                           args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # Orbax/TensorStore raise many kinds for damaged data
     raise errors.CheckpointError(f"{folder}/state: cannot be restored ({type(e).__name__}: "
                                  f"{str(e)[:300]}).") from e

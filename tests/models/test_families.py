@@ -175,7 +175,7 @@ def test_token_bytes_agree_with_the_tokenizers_library(cache):
       continue
     assert text == tok.decode([i]), i
     checked += 1
-  assert checked > 200
+  assert checked > 150  # the 128 lone bytes 0x80-0xFF are no UTF-8 text
   text = "Randomly name a state in US. New York, Ohio!"
   ids = tok.encode(text, add_bos=False)
   assert b"".join(tb[i] for i in ids) == text.encode()

@@ -1,6 +1,6 @@
 """The packaged Gemma 3 270M against the PyTorch reference (`transformers`) on the same GGUF.
 
-`tests/data/gemma3_golden.npz` was made by `experiments/peers/torch_gemma3.py golden` (see
+`tests/data/gemma3_golden.npz` was made by `experiments/peers/torch_model.py golden` (see
 BUILD_NOTES.md): for 6 prompts (one of 963 tokens, past the 512-token sliding window) the
 reference's top-100 next tokens at every position with their log-probabilities computed in
 float64 and in float32, and the reference tokenizer's ids for a mixed corpus.

@@ -2,11 +2,12 @@ r"""PyTorch peer: the reference Gemma 3 of `transformers`, loading the packaged 
 
 Runs in `.venv-peer` (see setup_peer_env.sh; needs gguf, accelerate, sentencepiece too).
 
-  .venv-peer/bin/python experiments/peers/torch_gemma3.py golden GGUF_PATH OUT.npz
+  .venv-peer/bin/python experiments/peers/torch_model.py golden GGUF_PATH OUT.npz
       next-token log-probabilities (top 100 per position) on fixed prompts, one longer than
       the 512-token sliding window, and tokenizer encodings of a mixed corpus;
-  .venv-peer/bin/python experiments/peers/torch_gemma3.py time GGUF_PATH OUT.json
-      prefill of 8 x 128 tokens and greedy decoding of 32 tokens for a batch of 8.
+  .venv-peer/bin/python experiments/peers/torch_model.py time MODEL_PATH OUT.json
+      prefill of 8 x 128 tokens and greedy decoding of 32 tokens for a batch of 8 (MODEL_PATH:
+      a GGUF file or a Hugging Face folder).
 """
 
 import json
@@ -39,6 +40,8 @@ CORPUS = [
 
 
 def load(path, dtype=torch.float32):
+  if os.path.isdir(path):
+    return None, AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
   folder, name = os.path.split(path)
   tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
   model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
@@ -74,7 +77,8 @@ def golden(path, out):
 
 def timing(path, out, batch=8, prompt_len=128, new_tokens=32):
   _, model = load(path)
-  ids = torch.randint(10, 20000, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+  high = min(20000, model.config.get_text_config().vocab_size)
+  ids = torch.randint(10, high, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
   with torch.no_grad():
     model(ids[:, :8])  # warm-up
     start = time.perf_counter()
