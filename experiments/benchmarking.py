@@ -327,7 +327,7 @@ def run_model_benchmark(cfg: ModelBenchmarkConfig, log: Callable = print) -> dic
   report["load_memory"] = load_memory(cfg.model, "bfloat16" if os.path.isdir(
       models.resolve(cfg.model)) else "float32")
   with tempfile.TemporaryDirectory() as cache:
-    log("cold load (GGUF -> first logits)")
+    log("cold load (checkpoint -> first logits)")
     start = time.perf_counter()
     lm = models.load(cfg.model, cache_dir=cache, progress=False)
     ids = np.random.default_rng(0).integers(10, min(20000, lm.config.vocab_size),

@@ -1,22 +1,22 @@
 """Language models: ``load("gemma3-270m")``, ``load(path_to.gguf)`` or ``load(hf_dir)``.
 
-The first load of a GGUF file (or a Hugging Face directory: ``config.json``,
-``*.safetensors``, ``tokenizer.model``) converts it, and saves the parameters, config and
-tokenizer as a checkpoint in the cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else
-``~/.cache/calibjax``); later loads restore that checkpoint. A partial or corrupt cache entry
-is reported on stderr and rebuilt from the source checkpoint.
+The first load of a GGUF file (Gemma 3) or a Hugging Face folder (``config.json``,
+``*.safetensors``, ``tokenizer.json`` or ``tokenizer.model``; the families of
+:mod:`calibjax.models.families`) converts it one tensor at a time, and saves the parameters
+(in the checkpoint's dtype) and config — and a GGUF file's tokenizer — as a checkpoint in the
+cache folder (``cache_dir``, else ``$CALIBJAX_CACHE``, else ``~/.cache/calibjax``); later
+loads restore that checkpoint, in the dtype asked for. A partial or corrupt cache entry is
+reported on stderr and rebuilt from the source checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from calibjax import environment, errors
@@ -147,14 +147,14 @@ def _stamp(path: str) -> str:
 def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
          dtype: str = "float32", progress: bool = True,
          mesh: jax.sharding.Mesh | None = None) -> LanguageModel:
-  """Loads a Gemma 3 model by name (``"gemma3-270m"``: the packaged GGUF), GGUF file path, or
-  Hugging Face directory.
+  """Loads a model by name (``"gemma3-270m"``: the packaged GGUF), GGUF file path, or
+  Hugging Face folder of any family calibjax reads.
 
   Args:
     cache_dir: where converted checkpoints live (see the module docstring).
     dtype: ``"float32"`` (default) or ``"bfloat16"`` parameters and activations (norms,
       softmax and logits stay float32).
-    progress: a progress bar while dequantising.
+    progress: a progress bar while converting.
     mesh: place the weights on this device mesh (:func:`calibjax.core.sharding.param_shardings`:
       FSDP over ``"data"``, tensor parallel over ``"model"``); a cached checkpoint is
       restored straight into that layout. None: one device, or every device of the mesh in

@@ -16,8 +16,9 @@ weights. Every tensor is re-randomised before saving (default init leaves norms 
 biases at 0, which hides mapping bugs). Options:
 
   --only NAME[,NAME]   build these variants only
-  --shape qwen3-0.6b   instead: one random Qwen3-0.6B-shaped bfloat16 checkpoint (not a
-                       fixture; for the model benchmark and the memory measurement)
+  --shape=qwen3-0.6b   instead: one random Qwen3-0.6B-shaped bfloat16 checkpoint (not a
+                       fixture; for the model benchmark and the memory measurement);
+                       --shape=qwen3-1.7b the same at the next size
 """
 
 from __future__ import annotations
@@ -216,15 +217,19 @@ def reference(model, folder: str) -> None:
   np.savez(os.path.join(folder, "reference.npz"), **out)
 
 
-def qwen3_shape(out: str) -> None:
-  """A random Qwen3-0.6B-shaped bfloat16 checkpoint (28 layers, d 1024, 151,936 tokens)."""
+SHAPES = {"qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072),
+          "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144)}
+
+
+def qwen3_shape(out: str, shape: str) -> None:
+  """A random Qwen3-shaped bfloat16 checkpoint (28 layers, 151,936 tokens, tied; the width of
+  ``SHAPES[shape]``)."""
   from transformers import AutoConfig, AutoModelForCausalLM
-  cfg = AutoConfig.for_model("qwen3", vocab_size=151_936, hidden_size=1024,
-                             intermediate_size=3072, num_hidden_layers=28,
+  cfg = AutoConfig.for_model("qwen3", vocab_size=151_936, num_hidden_layers=28,
                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                              max_position_embeddings=40_960, rope_theta=1_000_000.0,
                              tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=1,
-                             bos_token_id=0)
+                             bos_token_id=0, **SHAPES[shape])
   model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
   rerandomise(model, "qwen3", seed=0)
   model.save_pretrained(out, safe_serialization=True)
@@ -239,8 +244,8 @@ def main(argv):
   opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
   if not args:
     raise SystemExit(__doc__)
-  if opts.get("shape") == "qwen3-0.6b":
-    return qwen3_shape(args[0])
+  if "shape" in opts:
+    return qwen3_shape(args[0], opts["shape"])
   names = opts["only"].split(",") if "only" in opts else list(VARIANTS)
   for name in names:
     build(name, args[0])

@@ -180,3 +180,16 @@ def test_token_bytes_agree_with_the_tokenizers_library(cache):
   ids = tok.encode(text, add_bos=False)
   assert b"".join(tb[i] for i in ids) == text.encode()
   assert tok.encode(text)[0] == tok.bos_id == 0 and tok.eos_id == 1
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen3"])
+def test_hidden_states_and_output_embedding_give_the_logits(name, cache):
+  """What the recalibration heads rely on: logits = final hidden state @ ``embedding()``ᵀ,
+  with ``embedding()`` the untied ``lm_head`` (Llama 3) or the tied input embedding (Qwen3)."""
+  lm = load(name, cache)
+  ids = np.load(os.path.join(DATA, name, "reference.npz"))["ids"][:, :20]
+  logits, hidden, _ = lm.prefill(ids, max_new_tokens=1)
+  want = np.asarray(hidden, np.float64) @ np.asarray(lm.embedding(), np.float64).T
+  np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-4)
+  tied = lm.config.tie_embeddings
+  assert tied == (name == "qwen3") and ("lm_head" in lm._state) == (not tied)

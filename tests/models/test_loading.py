@@ -1,6 +1,5 @@
 """Loading: GGUF files the tests write, the Orbax cache (warm, partial, corrupt), errors."""
 
-import dataclasses
 import os
 
 import numpy as np
