@@ -24,8 +24,12 @@ from . import common, shared_flags
 
 _FLOOR = flags.DEFINE_float("floor", 1e-3, "Visit tree nodes with path probability >= floor.")
 _MAX_NODES = flags.DEFINE_integer("max_nodes", 400, "At most this many nodes per task.")
-_TEMPERATURES = flags.DEFINE_list("shape_temperatures", ["0.25", "0.5", "0.75", "1", "1.25", "1.5",
-                                                   "2", "3", "4"], "Shape-figure temperatures.")
+_TEMPERATURES = flags.DEFINE_list(
+    "shape_temperatures", [f"{t:g}" for t in diagnostics.PAPER_TEMPERATURES],
+    "Shape-figure temperatures (default: the paper's).")
+_FREQUENT = flags.DEFINE_integer(
+    "frequent_top_m", 2, "Shape figure: the top-m valid tokens at T=1 are 'valid & frequent' "
+    "(the paper's figure); 0: the valid tokens over-represented against the task's target.")
 _CUTOFFS = flags.DEFINE_list("cutoffs", ["1", "2", "4", "8", "16", "32", "64", "128", "256",
                                          "512", "1024", "4096"], "Order-figure cutoff ranks.")
 
@@ -35,7 +39,9 @@ def config() -> diagnostics.DiagnoseConfig:
     return diagnostics.DiagnoseConfig(
         floor=_FLOOR.value, max_nodes=_MAX_NODES.value,
         temperatures=tuple(float(t) for t in _TEMPERATURES.value),
-        cutoffs=tuple(int(c) for c in _CUTOFFS.value), batch_size=shared_flags.BATCH_SIZE.value)
+        frequent_top_m=_FREQUENT.value,
+        cutoffs=tuple(int(c) for c in _CUTOFFS.value), batch_size=shared_flags.BATCH_SIZE.value,
+        prompt_style=shared_flags.PROMPT_STYLE.value)
   except ValueError as e:
     raise app.UsageError(f"--shape_temperatures / --cutoffs: {e}") from None
 
@@ -51,13 +57,14 @@ def run() -> dict:
     out = job.out
     records = [{"task": name, **node} for name, item in items.items() for node in item["nodes"]]
     results.write_text_atomic(os.path.join(out, "positions.jsonl"), results.jsonl(records))
-    summaries = {name: item["summary"] for name, item in items.items()}
+    summaries = {name: {"prompt": item["prompt"], "prompt_style": item["prompt_style"],
+                        **item["summary"]} for name, item in items.items()}
     results.write_json_atomic(os.path.join(out, "summary.json"), summaries)
     job.figure(plots.shape_figure, summaries, "shape.png")
     job.figure(plots.order_figure, summaries, "order.png")
     results.write_text_atomic(os.path.join(out, "report.md"),
                               diagnostics.report_markdown(summaries))
-    job.finish(tasks=list(items))
+    job.finish(tasks=list(items), prompts={k: v["prompt"] for k, v in items.items()})
   return summaries
 
 

@@ -48,7 +48,7 @@ def run() -> dict:
     job.figure(plots.frontier_figure, items, "frontier.png")
     results.write_text_atomic(os.path.join(job.out, "table.md"),
                               frontier.table_markdown(items, cfg.levels))
-    job.finish(tasks=list(items))
+    job.finish(tasks=list(items), prompts={k: v["prompt"] for k, v in items.items()})
   return items
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from calibjax import results, sequence
+from calibjax.models import prompts
 from calibjax.core import truncation
 from . import common, shared_flags
 
@@ -40,11 +41,13 @@ def run() -> dict:
     for task in job.tasks:
 
       def draw(b, start):  # batch b: its own key, so a resumed run draws the same samples
+        prompt = prompts.task_prompt(job.model(), task, shared_flags.PROMPT_STYLE.value)
         mc = sequence.sample(job.model(), task, spec, min(batch, n - start),
                              jax.random.fold_in(jax.random.key(shared_flags.SEED.value), b),
                              max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,
-                             head=job.head(), cache_dir=job.validity_cache, progress=False)
-        return {"texts": [t.decode("utf-8", "replace") for t in mc.texts],
+                             prompt=prompt, head=job.head(), cache_dir=job.validity_cache,
+                             progress=False)
+        return {"prompt": prompt.text, "texts": [t.decode("utf-8", "replace") for t in mc.texts],
                 "answers": [None if a < 0 else int(a) for a in mc.answer],
                 "reasons": list(mc.reason)}
 
@@ -57,10 +60,10 @@ def run() -> dict:
                    "reason": r} for t, a, r in zip(texts, answers, reasons)]
       mc = sequence.summarise(spec, task.answers, texts,
                               np.array([-1 if a is None else a for a in answers]), reasons)
-      per_task[task.name] = {"sampler": spec, **sequence.record(mc)}
+      per_task[task.name] = {"sampler": spec, "prompt": items[0]["prompt"], **sequence.record(mc)}
     results.write_text_atomic(os.path.join(job.out, "samples.jsonl"), results.jsonl(records))
     results.write_json_atomic(os.path.join(job.out, "metrics.json"), per_task)
-    job.finish(tasks=list(per_task))
+    job.finish(tasks=list(per_task), prompts={k: v["prompt"] for k, v in per_task.items()})
   return per_task
 
 

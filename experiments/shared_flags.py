@@ -2,7 +2,7 @@
 another for its flags), in two groups:
 
 - :data:`GENERAL`, every binary's: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf``
-  file or a Hugging Face directory), ``--dtype``, ``--task`` (repeatable: a built-in name, a task file
+  file or a Hugging Face directory), ``--dtype``, ``--prompt_style``, ``--task`` (repeatable: a built-in name, a task file
   path, or ``all``), ``--out``, ``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``,
   ``--head``, ``--mesh``, ``--distributed`` (with ``--coordinator_address``,
   ``--num_processes``, ``--process_id``);
@@ -23,6 +23,10 @@ MODEL = flags.DEFINE_string("model", "gemma3-270m", "Model name, .gguf file or H
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                           "Weights and activations (norms, softmax and logits stay float32); "
                           "bfloat16 for 8B-class models.")
+PROMPT_STYLE = flags.DEFINE_enum(
+    "prompt_style", "auto", ["auto", "chat", "completion"],
+    "chat: the task's chat_prompts as a user turn through the checkpoint's chat template; "
+    "completion: its base-model prompts; auto: chat when the checkpoint has a template.")
 TASK = flags.DEFINE_multi_string("task", ["us_states"],
                                  "Task name, task file path, or 'all' (repeatable).")
 OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -53,7 +57,7 @@ ORACLE_TAUS = flags.DEFINE_list("oracle_taus", ["0.9", "0.95", "0.99"], "oracle_
 COVERAGE_N = flags.DEFINE_integer("coverage_n", 100, "N of coverage@N.")
 BOUND = flags.DEFINE_float("bound", 1e-3, "Stop when every unexplored valid mass is below.")
 
-GENERAL = (MODEL, DTYPE, TASK, OUT, SEED, BATCH_SIZE, RESUME, CACHE_DIR, HEAD, MESH, DISTRIBUTED,
+GENERAL = (MODEL, DTYPE, PROMPT_STYLE, TASK, OUT, SEED, BATCH_SIZE, RESUME, CACHE_DIR, HEAD, MESH, DISTRIBUTED,
            COORDINATOR, NUM_PROCESSES, PROCESS_ID)
 SWEEP = (SAMPLERS, RULES, TEMPERATURES, ORACLE_TAUS, COVERAGE_N, BOUND)
 GROUPS = {"general": GENERAL, "sweep": SWEEP}
@@ -70,6 +74,7 @@ def frontier_config() -> frontier.FrontierConfig:
     return frontier.FrontierConfig(
         rules=tuple(RULES.value), temperatures=tuple(float(t) for t in TEMPERATURES.value),
         oracle_taus=tuple(float(t) for t in ORACLE_TAUS.value), samplers=tuple(SAMPLERS.value),
-        coverage_n=COVERAGE_N.value, bound=BOUND.value, batch_size=BATCH_SIZE.value)
+        coverage_n=COVERAGE_N.value, bound=BOUND.value, batch_size=BATCH_SIZE.value,
+        prompt_style=PROMPT_STYLE.value)
   except ValueError as e:
     raise app.UsageError(f"--temperatures / --oracle_taus: {e}") from None

@@ -41,6 +41,7 @@ class SmallTokenizer:
   vocab = ["<pad>", "<eos>", "<bos>", "a", "b", " ", "\n", ".", "ab"]
   types = np.array([3, 3, 3, 1, 1, 1, 1, 1, 1])
   bos_id, eos_id, pad_id = 2, 1, 0
+  eos_ids = (1,)
 
   def encode(self, text, add_bos=True):
     return [self.bos_id] * add_bos + [self.vocab.index(c) for c in text]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calibjax.core import order, shape
+from calibjax.models import prompts
 from calibjax.progress import bar as progress_bar
 from calibjax.sequence.tree import BestFirst, NodeEvaluator, Tree
 from calibjax.tasks import Task
@@ -25,16 +26,31 @@ SCALARS = ("valid_mass", "auroc", "average_precision", "clean_head", "k_all_vali
            "normalized_valid_entropy", "effective_valid", "kl_q_to_target", "n_valid")
 
 
+PAPER_TEMPERATURES = (0.1, 0.5, 0.8, 1.0, 1.5, 2.5, 3.0, 5.0, 10.0, 20.0)
+# The paper's Figure (shape), Llama-3.1-8B-Instruct at the first US-state token:
+# temperature -> (valid & frequent, valid & rare, invalid)
+PAPER_LLAMA_US_STATES = {1.0: (0.806, 0.193, 0.001), 2.5: (0.465, 0.394, 0.141),
+                         5.0: (0.191, 0.268, 0.541)}
+
+
 @dataclasses.dataclass(frozen=True)
 class DiagnoseConfig:
   """Which nodes (``floor``, ``max_nodes``), the temperature grid of the shape view, the cutoff
-  grid of the order view, nodes per model call, and the task prompt used."""
+  grid of the order view, nodes per model call, and the task prompt used (its index and style:
+  ``"auto"``, ``"chat"`` or ``"completion"``, see :mod:`calibjax.models.prompts`).
+
+  The shape view's groups, fixed at T = 1: with ``frequent_top_m = m`` (default 2, the
+  paper's figure) "valid & frequent" is the top-m valid tokens by mass, "valid & rare" the
+  other valid tokens; with 0, the valid tokens over-represented against the task's target
+  (``q > r``) and the others. The third group is the invalid tokens."""
   floor: float = 1e-3
   max_nodes: int = 400
-  temperatures: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0)
+  temperatures: tuple[float, ...] = PAPER_TEMPERATURES
+  frequent_top_m: int = 2
   cutoffs: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
   batch_size: int = 16
   prompt_index: int = 0
+  prompt_style: str = "auto"
 
 
 def _metrics(z, m, cfg: DiagnoseConfig):
@@ -43,7 +59,7 @@ def _metrics(z, m, cfg: DiagnoseConfig):
   cuts = jnp.asarray(cfg.cutoffs, jnp.int32)
   o = order.order_stats(z, m)
   s = shape.shape_stats(z, m)
-  g = shape.group_masses(z, m, temps)
+  g = shape.group_masses(z, m, temps, top_m=cfg.frequent_top_m or None)
   c = order.cutoff_curve(z, m, cuts, max_cutoff=max(cfg.cutoffs))
   o, s, g, c = jax.tree.map(np.asarray, (o, s, g, c))
   rows = []
@@ -64,7 +80,8 @@ def _metrics(z, m, cfg: DiagnoseConfig):
 
 def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, head=None,
                   cache_dir: str | None = None, progress: bool = True) -> dict:
-  """Diagnostics of ``lm`` on ``task``: ``{"task", "prompt", "config", "nodes": [...],
+  """Diagnostics of ``lm`` on ``task``: ``{"task", "prompt" (the text the model read),
+  "prompt_style", "config", "nodes": [...],
   "summary": {...}}``.
 
   Each node record: ``path`` (token ids after the prompt), ``text``, ``depth``, ``path_prob``
@@ -79,8 +96,8 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, hea
   vocab = len(tok.vocab)
   cfg = dataclasses.replace(cfg, cutoffs=tuple(c for c in cfg.cutoffs if c <= vocab) or (vocab,))
   tree = Tree(task, tok, cache_dir)
-  prompt = task.prompts[cfg.prompt_index]
-  evaluate = NodeEvaluator(lm, tok.encode(prompt), tree, batch_size=cfg.batch_size, head=head)
+  prompt = prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index)
+  evaluate = NodeEvaluator(lm, list(prompt.ids), tree, batch_size=cfg.batch_size, head=head)
   queue = BestFirst()
   queue.push(tree.root(np.ones(1)), 1.0)
   records = []
@@ -94,14 +111,15 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, hea
       records.append({"path": list(node.path), "text": node.text.decode("utf-8", "replace"),
                       "depth": len(node.path), "path_prob": float(node.mass[0]), **row})
       for v in np.flatnonzero(m):
-        if v == tree.eos_id:
+        if v in tree.eos_ids:
           continue
         child = tree.child(node, v, node.mass * np.exp(lp[v]))
         if child.mass[0] >= cfg.floor and not tree.is_final(child):
           queue.push(child, child.mass[0])
     bar.update(len(batch))
   bar.close()
-  return {"task": task.name, "prompt": prompt, "config": dataclasses.asdict(cfg),
+  return {"task": task.name, "prompt": prompt.text, "prompt_style": prompt.style,
+          "config": dataclasses.asdict(cfg),
           "nodes": records, "summary": summarise(records, cfg)}
 
 
@@ -121,6 +139,7 @@ def summarise(records: list[dict], cfg: DiagnoseConfig) -> dict:
   curves = ("group_over", "group_under", "group_invalid", "cutoff_precision", "cutoff_recall",
             "cutoff_validity")
   return {"nodes": len(records), "floor": cfg.floor, "temperatures": list(cfg.temperatures),
+          "frequent_top_m": cfg.frequent_top_m,
           "cutoffs": list(cfg.cutoffs),
           "weighted_mean": {k: mean(k) for k in SCALARS + curves},
           "root": records[0] if records else None,
@@ -134,6 +153,9 @@ def report_markdown(summaries: dict) -> str:
   for task, s in summaries.items():
     m, root = s["weighted_mean"], s["root"]
     temps = s["temperatures"]
+    top = s.get("frequent_top_m")
+    frequent, rare = ((f"valid & frequent (top {top})", "valid & rare") if top else
+                      ("over-represented valid", "under-represented"))
     t1 = temps.index(1.0) if 1.0 in temps else 0
     hi = len(temps) - 1
     cuts = s["cutoffs"]
@@ -158,7 +180,25 @@ def report_markdown(summaries: dict) -> str:
         f"valid tokens {m['effective_valid']:.1f} of {m['n_valid']:.0f}; KL(q‖uniform) "
         f"{m['kl_q_to_target']:.2f} nats.",
         f"- Temperature {temps[t1]:g} → {temps[hi]:g}: invalid mass {m['group_invalid'][t1]:.2f} "
-        f"→ {m['group_invalid'][hi]:.2f}, under-represented valid mass "
-        f"{m['group_under'][t1]:.2f} → {m['group_under'][hi]:.2f}, over-represented "
+        f"→ {m['group_invalid'][hi]:.2f}, {rare} valid mass "
+        f"{m['group_under'][t1]:.2f} → {m['group_under'][hi]:.2f}, {frequent} "
         f"{m['group_over'][t1]:.2f} → {m['group_over'][hi]:.2f}.", ""]
+    if root is not None:
+      lines += _shape_table(task, s, root, frequent, rare)
   return "\n".join(lines)
+
+
+def _shape_table(task: str, s: dict, root: dict, frequent: str, rare: str) -> list[str]:
+  """The first answer token's groups at every temperature, beside the paper's figure."""
+  paper = s.get("frequent_top_m") == 2 and task == "us_states"
+  head = f"| T | {frequent} | {rare} | invalid |" + (
+      " paper (Llama-3.1-8B-Instruct) |" if paper else "")
+  lines = ["At the first answer token:", "", head, "|---" * (head.count("|") - 1) + "|"]
+  for i, t in enumerate(s["temperatures"]):
+    row = (f"| {t:g} | {root['group_over'][i]:.3f} | {root['group_under'][i]:.3f} | "
+           f"{root['group_invalid'][i]:.3f} |")
+    if paper:
+      ref = PAPER_LLAMA_US_STATES.get(t)
+      row += (" " + " / ".join(f"{x:.3f}" for x in ref) + " |") if ref else " |"
+    lines.append(row)
+  return lines + [""]

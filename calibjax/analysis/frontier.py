@@ -17,6 +17,7 @@ import numpy as np
 
 from calibjax import sequence
 from calibjax.core import truncation
+from calibjax.models import prompts
 from calibjax.core.rules import REGISTRY
 from calibjax.tasks import Task
 
@@ -34,6 +35,7 @@ class FrontierConfig:
   bound: float = 1e-3
   batch_size: int = 32
   prompt_index: int = 0
+  prompt_style: str = "auto"  # see calibjax.models.prompts
 
 
 def frontier_samplers(cfg: FrontierConfig) -> list[str]:
@@ -106,7 +108,7 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, hea
   samplers = frontier_samplers(cfg)
   n = cfg.coverage_n
   res = sequence.exact(lm, task, samplers, bound=cfg.bound, batch_size=cfg.batch_size,
-                       coverage_n=sorted({1, 10, n}), prompt=task.prompts[cfg.prompt_index],
+                       coverage_n=sorted({1, 10, n}), prompt=prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index),
                        head=head, cache_dir=cache_dir, progress=progress)
   points = [{
       "sampler": r.sampler, "family": family(r.sampler),
@@ -119,7 +121,7 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, hea
       for r in res.samplers]
   fams = sorted({p["family"] for p in points})
   size = len(task.answers)
-  return {"task": task.name, "prompt": res.prompt, "answers": list(task.answers),
+  return {"task": task.name, "prompt": res.prompt, "prompt_style": res.prompt_style, "answers": list(task.answers),
           "coverage_n": n, "bound": cfg.bound, "nodes_expanded": res.nodes_expanded,
           "bound_reached": res.bound_reached, "points": points,
           "pareto": {f: [p["sampler"] for p in pareto([q for q in points if q["family"] == f], n)]
@@ -131,15 +133,19 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, hea
 def mc_check(lm, task: Task, item: dict, n: int, seed: int, *, head=None,
              cache_dir: str | None = None) -> list[dict]:
   """Each family's best sampler at seq_validity ≥ 0.95, sampled ``n`` times: the exact
-  seq_validity and its Monte Carlo 99% Wilson interval (agreeing within 1e-3 of it)."""
+  seq_validity and its Monte Carlo 99% Wilson interval (agreeing within 1e-3 of it), after
+  the prompt the exact run read (``item["prompt"]``)."""
   out = []
+  style = item.get("prompt_style", "completion")
+  prompt = prompts.Prompt(style, item["prompt"], tuple(lm.tokenizer.encode(
+      item["prompt"], add_bos=style == "completion")))
   for fam, row in item["table"].items():
     sampler = row.get("0.95", {}).get("sampler")
     if sampler is None:
       continue
     exact = next(p for p in item["points"] if p["sampler"] == sampler)
     mc = sequence.sample(lm, task, sampler, n, jax.random.fold_in(jax.random.key(seed), len(out)),
-                         head=head, cache_dir=cache_dir)
+                         prompt=prompt, head=head, cache_dir=cache_dir)
     lo, hi = mc.seq_validity_ci
     out.append({"family": fam, "sampler": sampler, "exact_seq_validity": exact["seq_validity"],
                 "mc_seq_validity": mc.seq_validity, "mc_ci99": [lo, hi],

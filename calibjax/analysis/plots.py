@@ -35,8 +35,10 @@ def shape_figure(summaries: dict):
   fig, axes = _panels(len(summaries))
   for ax, (task, s) in zip(axes, summaries.items()):
     m, temps = s["weighted_mean"], s["temperatures"]
-    ax.stackplot(temps, m["group_over"], m["group_under"], m["group_invalid"],
-                 labels=["valid, over-represented at T=1", "valid, other", "invalid"],
+    top = s.get("frequent_top_m")
+    labels = ([f"valid & frequent (top {top} at T=1)", "valid & rare", "invalid"] if top else
+              ["valid, over-represented at T=1", "valid, other", "invalid"])
+    ax.stackplot(temps, m["group_over"], m["group_under"], m["group_invalid"], labels=labels,
                  colors=["#2b6cb0", "#90cdf4", "#e53e3e"], alpha=0.85)
     ax.set(xscale="log", xlabel="temperature", ylabel="probability mass", ylim=(0, 1),
            xlim=(min(temps), max(temps)), title=f"{task} ({s['nodes']} positions)")

@@ -116,6 +116,9 @@ def _convert(path: str, folder: str, progress: bool, mesh) -> None:
     reader = gguf.open_reader(path)
     cfg = gguf.read_config(reader, path)
     files = {"tokenizer.json": json.dumps(gguf.read_tokenizer(reader, path).fields()).encode()}
+    template = gguf.read_chat_template(reader)
+    if template is not None:
+      files["chat_template.jinja"] = template.encode()
     params = lambda shapes: gguf.read_params(reader, cfg, path, shapes)
   _, state = _abstract(cfg)
   leaves = dict(nnx.to_flat_state(state))
@@ -189,9 +192,15 @@ def load(name_or_path: str = "gemma3-270m", *, cache_dir: str | None = None,
       print(f"calibjax: rebuilding the cache of {path}: {e}", file=sys.stderr)
     _convert(path, folder, progress, mesh)
     state, files = checkpoint.load(folder, abstract)  # in the dtype and placement asked for
-  if "tokenizer.json" in files:
+  from calibjax.models.chat import ChatTemplate
+  if "tokenizer.json" in files:  # a GGUF file's, cached
     tokenizer = SentencePieceTokenizer(**json.loads(files["tokenizer.json"]))
+    template = files.get("chat_template.jinja")
+    template = template and ChatTemplate(template.decode(), {
+        "bos_token": tokenizer.vocab[tokenizer.bos_id],
+        "eos_token": tokenizer.vocab[tokenizer.eos_id]}, path)
   else:
     from calibjax.models import hf_checkpoint
     tokenizer = hf_checkpoint.read_tokenizer(path, holder["cfg"].vocab_size)
-  return LanguageModel(nnx.merge(holder["graph"], state), tokenizer, name_or_path)
+    template = ChatTemplate.from_folder(path)
+  return LanguageModel(nnx.merge(holder["graph"], state), tokenizer, name_or_path, template)

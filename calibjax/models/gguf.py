@@ -87,6 +87,12 @@ def read_tokenizer(reader, path: str) -> SentencePieceTokenizer:
       pad=int(_field(reader, "tokenizer.ggml.padding_token_id", path)))
 
 
+def read_chat_template(reader) -> str | None:
+  """The file's chat template (``tokenizer.chat_template``), or None."""
+  field = reader.fields.get("tokenizer.chat_template")
+  return None if field is None else str(field.contents())
+
+
 def read_params(reader, cfg: DecoderConfig, path: str, shapes: dict, progress=None):
   """Yields ``(NNX path, dequantised float32 array)`` one parameter at a time (paths such as
   ``"blocks.3.attn.q_proj"``), each checked against ``shapes`` (the model's, by path)."""

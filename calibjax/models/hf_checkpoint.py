@@ -153,19 +153,22 @@ def read_params(folder: str, cfg: DecoderConfig, shapes: dict[str, tuple[int, ..
     yield target, value
 
 
-def _special_id(folder: str, key: str, tokenizer_spec: dict) -> int | None:
-  """The id of ``key`` (``"bos_token"``, ``"eos_token"``) from ``generation_config.json``
-  (``<key>_id``, first of a list) or ``tokenizer_config.json`` (its text), else None."""
-  gen = os.path.join(folder, "generation_config.json")
-  if os.path.exists(gen):
-    value = _read_json(gen).get(key + "_id")
-    if value is not None:
-      return int(value[0] if isinstance(value, list) else value)
+def _special_ids(folder: str, key: str, tokenizer_spec: dict) -> list[int]:
+  """The ids of ``key`` (``"bos_token"``, ``"eos_token"``): ``tokenizer_config.json``'s token
+  first, then ``generation_config.json``'s ``<key>_id`` (one or a list), without repeats."""
+  out = []
   conf = os.path.join(folder, "tokenizer_config.json")
   text = _read_json(conf).get(key) if os.path.exists(conf) else None
   text = text.get("content") if isinstance(text, dict) else text
   ids = {t["content"]: t["id"] for t in tokenizer_spec.get("added_tokens", [])}
-  return ids.get(text)
+  if text in ids:
+    out.append(int(ids[text]))
+  gen = os.path.join(folder, "generation_config.json")
+  value = _read_json(gen).get(key + "_id") if os.path.exists(gen) else None
+  for v in (value if isinstance(value, list) else [] if value is None else [value]):
+    if int(v) not in out:
+      out.append(int(v))
+  return out
 
 
 def read_tokenizer(folder: str, vocab_size: int | None = None):
@@ -178,11 +181,12 @@ def read_tokenizer(folder: str, vocab_size: int | None = None):
   spec = _read_json(path)
   if vocab_size is None:
     vocab_size = read_config(folder).vocab_size
-  eos = _special_id(folder, "eos_token", spec)
-  if eos is None:
+  eos = _special_ids(folder, "eos_token", spec)
+  if not eos:
     raise errors.ModelLoadError(f"{folder}: no end-of-sequence token (eos_token_id in "
                                 "generation_config.json or eos_token in tokenizer_config.json).")
-  return HFTokenizer(path, vocab_size, eos, _special_id(folder, "bos_token", spec))
+  bos = _special_ids(folder, "bos_token", spec)
+  return HFTokenizer(path, vocab_size, eos, bos[0] if bos else None)
 
 
 def read_sentencepiece(folder: str):

@@ -36,7 +36,8 @@ def _last_real(mask):
 
 
 class LanguageModel:
-  """``tokenizer``, ``vocab`` (token strings), ``config``, and:
+  """``tokenizer``, ``vocab`` (token strings), ``config``, ``chat_template`` (the checkpoint's,
+  or None), and:
 
   - ``logits(ids_bt, mask=None) -> [B, T, V]`` float32 (full forward);
   - ``prefill(ids_bt, mask, max_new_tokens) -> (last logits [B, V], last hidden [B, d],
@@ -51,9 +52,10 @@ class LanguageModel:
   marks real tokens (left or right padding both work); without it every token is real.
   """
 
-  def __init__(self, model: Decoder, tokenizer, name: str):
+  def __init__(self, model: Decoder, tokenizer, name: str, chat_template=None):
     self.config: DecoderConfig = model.cfg
     self.tokenizer = tokenizer
+    self.chat_template = chat_template  # a calibjax.models.chat.ChatTemplate, or None
     self.vocab = tokenizer.vocab
     self.name = name
     self._graph, self._state = nnx.split(model)

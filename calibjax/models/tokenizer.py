@@ -61,6 +61,7 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     self.vocab = list(tokens)
     self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos, eos, pad, unk
+    self.eos_ids = (eos,)
     self.types = np.asarray(types)
     self.scores = np.asarray(scores, np.float32)
 
@@ -118,11 +119,13 @@ class HFTokenizer:
   Args:
     path: the ``tokenizer.json``.
     vocab_size: the model's vocabulary (embedding rows; often more than the tokenizer's).
-    eos_id: the end-of-sequence id (``generation_config.json`` / ``tokenizer_config.json``).
+    eos_ids: the end-of-sequence ids (``generation_config.json`` / ``tokenizer_config.json``;
+      instruct models often have several, e.g. Llama 3.1's ``<|eot_id|>`` and
+      ``<|end_of_text|>``: each ends an answer); ``eos_id`` is the first.
     bos_id: the beginning-of-sequence id, None when the model has none.
   """
 
-  def __init__(self, path: str, vocab_size: int, eos_id: int, bos_id: int | None):
+  def __init__(self, path: str, vocab_size: int, eos_ids, bos_id: int | None):
     from tokenizers import Tokenizer as Backend
     try:
       with open(path, encoding="utf-8") as f:
@@ -141,7 +144,8 @@ class HFTokenizer:
         spec.get("pre_tokenizer"), "ByteLevel")
     self.byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
     self.size = n
-    self.eos_id, self.bos_id = eos_id, bos_id
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.eos_id, self.bos_id = self.eos_ids[0], bos_id
 
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     return self._tok.encode(text, add_special_tokens=add_bos).ids

@@ -28,7 +28,7 @@ import optax
 from flax import nnx, struct
 
 from calibjax import errors, results
-from calibjax.models import checkpoint
+from calibjax.models import checkpoint, prompts
 from calibjax.models.language_model import pad_rows
 from calibjax.recalibration import LossWeights, keep_loss, task_loss
 
@@ -189,12 +189,13 @@ GENERIC_PROMPTS = (
     "The theory of relativity states", "My favourite film is")
 
 
-def task_positions(lm, task, *, prompt_index: int = 0, batch_size: int = 32,
-                   cache_dir: str | None = None) -> Positions:
+def task_positions(lm, task, *, prompt_index: int = 0, prompt_style: str = "auto",
+                   batch_size: int = 32, cache_dir: str | None = None) -> Positions:
   """One position per prefix of the task's canonical answer paths (SPEC §6 compounding
-  paths): the hidden state there, the valid tokens, and the target pushed down the paths —
-  each valid token's weight is the target mass of the answers whose canonical path continues
-  with it (other valid tokens: 0)."""
+  paths) after the task's prompt (``prompt_style``: see :mod:`calibjax.models.prompts`): the
+  hidden state there, the valid tokens, and the target pushed down the paths — each valid
+  token's weight is the target mass of the answers whose canonical path continues with it
+  (other valid tokens: 0)."""
   from calibjax.sequence.tree import NodeEvaluator, Tree, canonical_paths
   tok = lm.tokenizer
   tree = Tree(task, tok, cache_dir)
@@ -209,7 +210,8 @@ def task_positions(lm, task, *, prompt_index: int = 0, batch_size: int = 32,
     for node in tree.prefixes(path, np.zeros(1)):
       nodes.setdefault(node.path, node)
   nodes = [nodes[p] for p in sorted(nodes, key=lambda p: (len(p), p))]
-  evaluate = NodeEvaluator(lm, tok.encode(task.prompts[prompt_index]), tree,
+  prompt = prompts.task_prompt(lm, task, prompt_style, prompt_index)
+  evaluate = NodeEvaluator(lm, list(prompt.ids), tree,
                            batch_size=batch_size, max_depth=max(map(len, paths)) + 1)
   hidden, ids, target = [], [], []
   for start in range(0, len(nodes), batch_size):

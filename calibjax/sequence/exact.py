@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from calibjax import errors
+from calibjax.models import prompts
 from calibjax.progress import bar as progress_bar
 from calibjax.sequence.probabilities import ValidTokenProbs
 from calibjax.sequence.tree import BestFirst, NodeEvaluator, Tree, canonical_paths
@@ -50,7 +51,8 @@ class SamplerResult:
 @dataclasses.dataclass(frozen=True)
 class ExactResult:
   task: str
-  prompt: str
+  prompt: str  # the text the model read (a rendered chat template includes its special tokens)
+  prompt_style: str
   answers: tuple[str, ...]
   canonical_paths: tuple[tuple[int, ...], ...]
   nodes_expanded: int
@@ -78,7 +80,7 @@ def _summary(name, probs, invalid, unexplored, task, coverage_n, steps) -> Sampl
 
 
 def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 100, 1000),
-          prompt: str | None = None, batch_size: int = 32, max_nodes: int = 50_000,
+          prompt=None, batch_size: int = 32, max_nodes: int = 50_000,
           max_depth: int = 24, head=None, cache_dir: str | None = None,
           progress: bool = True) -> ExactResult:
   """Exact answer probabilities of ``task`` under each sampler, by tree enumeration.
@@ -89,7 +91,9 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
     samplers: :class:`calibjax.Sampler` objects or their text (``"top_p=0.9,t=1.5"``,
       ``"oracle_set,t=2"``, ``"oracle_rank=0.95"``).
     bound: stop when every sampler's unexplored valid mass is below it.
-    prompt: defaults to the task's first prompt.
+    prompt: a :class:`calibjax.models.prompts.Prompt`, a completion prompt's text, or None:
+      the task's first prompt in the ``"auto"`` style (chat when the checkpoint has a chat
+      template).
     batch_size: nodes per model call.
     max_nodes: a safety cap; ``bound_reached`` says whether the bound was met.
     max_depth: paths longer than this many tokens stay unexplored (their mass is counted in
@@ -109,8 +113,8 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
     raise errors.InputError("exact() needs at least one sampler.")
   tok = lm.tokenizer
   tree = Tree(task, tok, cache_dir)
-  prompt = task.prompts[0] if prompt is None else prompt
-  evaluate = NodeEvaluator(lm, tok.encode(prompt), tree, batch_size, max_depth, head)
+  prompt = prompts.resolve(lm, task, prompt)
+  evaluate = NodeEvaluator(lm, list(prompt.ids), tree, batch_size, max_depth, head)
 
   def valid_probs(nodes):
     logits, _, valid = evaluate.forward(nodes)
@@ -140,7 +144,7 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
         p_child = node.mass * probs[:, i, c]
         if not p_child.any():
           continue
-        if v == tree.eos_id:  # valid only after a complete answer (final nodes never expand)
+        if v in tree.eos_ids:  # valid only after a complete answer (final nodes never expand)
           answer_probs[:, tree.answer_index(node.text, terminated=False)] += p_child
           continue
         child = tree.child(node, v, p_child)
@@ -163,7 +167,8 @@ def exact(lm, task: Task, samplers, *, bound: float = 1e-4, coverage_n=(1, 10, 1
       _summary(str(s), answer_probs[k], invalid[k], unexplored[k], task, coverage_n,
                tuple(st[:, k] for st in steps))
       for k, s in enumerate(specs))
-  return ExactResult(task=task.name, prompt=prompt, answers=task.answers,
+  return ExactResult(task=task.name, prompt=prompt.text, prompt_style=prompt.style,
+                     answers=task.answers,
                      canonical_paths=tuple(paths), nodes_expanded=expanded, bound=bound,
                      bound_reached=bool(unexplored.max() <= bound), samplers=results)
 

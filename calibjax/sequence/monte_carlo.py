@@ -16,6 +16,7 @@ import numpy as np
 from calibjax import errors
 from calibjax.core import truncation
 from calibjax.core.rules import ORACLES
+from calibjax.models import prompts
 from calibjax.models.language_model import bucket
 from calibjax.progress import bar as progress_bar
 from calibjax.sequence.probabilities import as_samplers
@@ -72,7 +73,7 @@ class Classifier:
   def push(self, token: int) -> bool:
     """Consumes one token; True once the sample is decided."""
     tree = self.tree
-    if token == tree.eos_id:
+    if token in tree.eos_ids:
       a = (tree.answer_index(self.text, terminated=False)
            if tree.task.end_of_sequence else None)
       self.result = (-1, "early_eos") if a is None else (a, "valid")
@@ -121,7 +122,7 @@ def draw(lm, tree: Tree, spec: truncation.Sampler, prompt_ids, n: int, key, *,
       valid, cap = None, None
       if oracle:
         decided = np.zeros(len(tree.token_bytes), bool)
-        decided[tree.eos_id] = True  # any mask will do for a decided sample
+        decided[min(tree.eos_ids)] = True  # any mask will do for a decided sample
         masks = [decided if x.result is not None else x.mask() for x in samples]
         cap = bucket(max(int(x.sum()) for x in masks), minimum=8)
         valid = jnp.asarray(np.stack(masks))
@@ -159,13 +160,13 @@ def summarise(sampler: str, answers: tuple[str, ...], texts, answer: np.ndarray,
 
 
 def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
-           prompt: str | None = None, batch_size: int = 256, confidence: float = 0.99,
+           prompt=None, batch_size: int = 256, confidence: float = 0.99,
            head=None, cache_dir: str | None = None, progress: bool = True) -> MonteCarloResult:
   """``n`` answers generated with ``sampler`` (explicit ``key``), classified against the task.
 
   Sampling is tail-faithful: ``jax.random.categorical`` in its high-dynamic-range mode over
   the truncated, temperature-scaled logits (SPEC §7); see :func:`draw`. ``head``: as in
-  :func:`calibjax.sequence.exact`. The same key gives the same samples.
+  :func:`calibjax.sequence.exact`; ``prompt``: as there. The same key gives the same samples.
   """
   spec = as_samplers([sampler])[0]
   if task.answers is None:
@@ -173,7 +174,7 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
   if n < 1:
     raise errors.InputError(f"sample(): n must be >= 1, got {n}.")
   tree = Tree(task, lm.tokenizer, cache_dir)
-  prompt_ids = lm.tokenizer.encode(task.prompts[0] if prompt is None else prompt)
+  prompt_ids = list(prompts.resolve(lm, task, prompt).ids)
   texts, answer, reason = draw(lm, tree, spec, prompt_ids, n, key,
                                max_new_tokens=max_new_tokens, batch_size=batch_size, head=head,
                                progress=progress)

@@ -40,8 +40,8 @@ class Tree:
   def __init__(self, task: Task, tokenizer, cache_dir: str | None = None):
     self.task = task
     self.token_bytes = tokenizer.token_bytes()
-    self.index = ValidityIndex(task, self.token_bytes, tokenizer.eos_id, cache_dir=cache_dir)
-    self.eos_id = tokenizer.eos_id
+    self.index = ValidityIndex(task, self.token_bytes, tokenizer.eos_ids, cache_dir=cache_dir)
+    self.eos_ids = frozenset(self.index.eos_ids)
 
   def root(self, mass) -> Node:
     return Node((), self.index.initial_state, b"", np.asarray(mass, np.float64))
@@ -76,13 +76,11 @@ class Tree:
     ``terminated``, a terminator), or None."""
     task = self.task
     s = text.decode("utf-8", errors="replace")
-    fold = (lambda x: x) if task.case_sensitive else str.casefold
-    lookup = {fold(a): i for i, a in enumerate(task.answers)}
     ends = task.terminators if terminated else ("",)
     for lead in task.leading:
       for end in ends:
         if s.startswith(lead) and s.endswith(end) and len(s) >= len(lead) + len(end):
-          i = lookup.get(fold(s[len(lead):len(s) - len(end)]))
+          i = task.answer_index(s[len(lead):len(s) - len(end)])
           if i is not None:
             return i
     return None

@@ -8,7 +8,8 @@ field              type                      meaning
 ``name``           str, ``[a-z0-9_]+``        identifier (the built-in file's stem)
 ``description``    str                       what is asked and where the facts come from
 ``prompts``        list of str, ≥ 1          base-model prompts ("… Answer:" style)
-``chat_prompts``   list of str (optional)    the same request for chat models
+``chat_prompts``   list of str (optional)    the same request for chat models (a user turn)
+``system_prompt``  str (optional)            a system turn before it (chat style only)
 ``answers``        list of str, ≥ 1          the valid answers (or ``answer_regex``)
 ``answer_regex``   str                       a regular language of answers instead
 ``leading``        list of str               allowed text before an answer; default
@@ -17,10 +18,18 @@ field              type                      meaning
                                              ``["\\n", ".", ","]``
 ``end_of_sequence``  bool                    EOS also ends an answer (default true)
 ``case_sensitive`` bool                      default true (strict labelling)
+``markdown``       bool                      also accept an answer wrapped in ``**``,
+                                             ``*``, ``__``, ``_`` or backticks; default
+                                             false (strict labelling)
 ``target``         {answer: weight}          target distribution; default uniform;
                                              unlisted answers get weight 0
 ``split``          ``"train"`` / ``"eval"``  default ``"eval"``
 =================  ========================  =============================================
+
+Labelling is strict by default, as the paper's: only the exact answers count. Surface forms
+an instruct model writes can be accepted explicitly: case variants (``case_sensitive:
+false``), markdown emphasis (``markdown: true``); a trailing period is a terminator by
+default (leave ``"."`` out of ``terminators`` to count "Ohio." as invalid).
 
 Errors (:class:`calibjax.errors.TaskError`) name the file and the field: unknown fields,
 wrong types, both or neither of ``answers``/``answer_regex``, an empty answer set,
@@ -38,7 +47,9 @@ import re
 from calibjax import errors
 
 _DEFAULTS = {"leading": ["", " "], "terminators": ["\n", ".", ","], "end_of_sequence": True,
-             "case_sensitive": True, "split": "eval", "chat_prompts": [], "target": None}
+             "case_sensitive": True, "markdown": False, "split": "eval", "chat_prompts": [],
+             "system_prompt": None, "target": None}
+MARKDOWN = ("**", "__", "*", "_", "`")  # emphasis marks an answer may be wrapped in
 _FIELDS = {"name", "description", "prompts", "answers", "answer_regex", *_DEFAULTS}
 
 
@@ -55,8 +66,10 @@ class Task:
   terminators: tuple[str, ...]
   end_of_sequence: bool
   case_sensitive: bool
+  markdown: bool
   split: str
   chat_prompts: tuple[str, ...]
+  system_prompt: str | None
   weights: tuple[float, ...]
   source: str
 
@@ -66,13 +79,27 @@ class Task:
     spec = {k: v for k, v in dataclasses.asdict(self).items() if k != "source"}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
+  def unwrap(self, text: str) -> str:
+    """``text`` without a markdown wrapper (``**Ohio**`` → ``Ohio``) when the task accepts
+    one, else unchanged."""
+    if self.markdown:
+      for mark in MARKDOWN:
+        if len(text) > 2 * len(mark) and text.startswith(mark) and text.endswith(mark):
+          return text[len(mark):-len(mark)]
+    return text
+
+  def answer_index(self, text: str) -> int | None:
+    """The index of the answer ``text`` (without leading text or terminator) is, or None."""
+    fold = (lambda s: s) if self.case_sensitive else str.casefold
+    lookup = {fold(a): i for i, a in enumerate(self.answers or ())}
+    return lookup.get(fold(self.unwrap(text)))
+
   def is_answer(self, text: str) -> bool:
     """Whether ``text`` (without leading text or terminator) is a valid answer."""
     if self.answers is not None:
-      fold = (lambda s: s) if self.case_sensitive else str.casefold
-      return fold(text) in {fold(a) for a in self.answers}
+      return self.answer_index(text) is not None
     flags = 0 if self.case_sensitive else re.IGNORECASE
-    return re.fullmatch(self.answer_regex, text, flags) is not None
+    return re.fullmatch(self.answer_regex, self.unwrap(text), flags) is not None
 
 
 def _fail(source, field, what):
@@ -112,11 +139,14 @@ def from_dict(raw: dict, source: str = "<dict>") -> Task:
                   blank_items=False)
   leading = _strings(source, "leading", spec["leading"])
   terminators = _strings(source, "terminators", spec["terminators"], allow_empty=True)
-  for field in ("end_of_sequence", "case_sensitive"):
+  for field in ("end_of_sequence", "case_sensitive", "markdown"):
     if not isinstance(spec[field], bool):
       _fail(source, field, f"must be true or false, got {spec[field]!r}")
   if not terminators and not spec["end_of_sequence"]:
     _fail(source, "terminators", "no terminator and no end of sequence: answers never end")
+  system = spec["system_prompt"]
+  if system is not None and (not isinstance(system, str) or not system.strip()):
+    _fail(source, "system_prompt", f"must be a non-empty string, got {system!r:.80}")
   if spec["split"] not in ("train", "eval"):
     _fail(source, "split", f"must be 'train' or 'eval', got {spec['split']!r}")
   has_list, has_regex = "answers" in raw, "answer_regex" in raw
@@ -162,4 +192,5 @@ def from_dict(raw: dict, source: str = "<dict>") -> Task:
   return Task(name=name, description=spec["description"], prompts=prompts, answers=answers,
               answer_regex=regex, leading=leading, terminators=terminators,
               end_of_sequence=spec["end_of_sequence"], case_sensitive=spec["case_sensitive"],
-              split=spec["split"], chat_prompts=chat, weights=weights, source=source)
+              markdown=spec["markdown"], split=spec["split"], chat_prompts=chat,
+              system_prompt=system, weights=weights, source=source)

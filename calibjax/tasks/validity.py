@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from calibjax import errors
-from calibjax.tasks.schema import Task
+from calibjax.tasks.schema import MARKDOWN, Task
 
 _META = set("\\.+*?()|[]{}^$#&-~")
 
@@ -45,6 +45,9 @@ def _alternation(options) -> str:
 def task_regex(task: Task) -> str:
   """The task's language as one regex: leading, answer, terminator (required)."""
   answers = _alternation(task.answers) if task.answers is not None else f"({task.answer_regex})"
+  if task.markdown:  # the answer alone or wrapped in one emphasis mark
+    answers = "(" + "|".join([answers] + [f"{_escape(m)}{answers}{_escape(m)}"
+                                          for m in MARKDOWN]) + ")"
   if not task.case_sensitive:
     answers = f"(?i:{answers})"
   terms = _alternation(task.terminators) if task.terminators else "()"
@@ -83,20 +86,23 @@ class ValidityIndex:
 
   ``initial_state``; ``mask(state, text) -> bool [V]`` (``text``: the bytes generated so far,
   which decide EOS); ``advance(state, token) -> state or None`` (None: the token is invalid).
+  ``eos_ids``: the end-of-sequence id, or several (instruct models often have more than one:
+  each ends an answer).
   """
 
-  def __init__(self, task: Task, token_bytes: list[bytes | None], eos_id: int,
+  def __init__(self, task: Task, token_bytes: list[bytes | None], eos_ids,
                cache_dir: str | None = None):
     from outlines_core import Index, Vocabulary
     self.task = task
     self.vocab_size = len(token_bytes)
-    self.eos_id = eos_id
+    self.eos_ids = tuple(sorted({int(e) for e in np.atleast_1d(eos_ids)}))
+    eos_id = self.eos_ids[0]
     table: dict[bytes, list[int]] = {}
     for i, b in enumerate(token_bytes):
-      if b is not None and b and i != eos_id:
+      if b is not None and b and i not in self.eos_ids:
         table.setdefault(b, []).append(i)
     self.regex = task_regex(task)
-    key = hashlib.sha256(repr((self.regex, sorted(table.items()), eos_id)).encode()).hexdigest()
+    key = hashlib.sha256(repr((self.regex, sorted(table.items()), self.eos_ids)).encode()).hexdigest()
     path = os.path.join(cache_dir, f"{task.name}-{key[:16]}.index") if cache_dir else None
     index = _read_index(path) if path and os.path.exists(path) else None
     if index is None:
@@ -122,11 +128,12 @@ class ValidityIndex:
     allowed = self._index.get_allowed_tokens(state)
     if allowed:
       m[np.asarray(allowed, np.int64)] = True
-    m[self.eos_id] = state in self._final or (self.task.end_of_sequence and self.complete(text))
+    m[list(self.eos_ids)] = state in self._final or (self.task.end_of_sequence and
+                                                     self.complete(text))
     return m
 
   def advance(self, state: int, token: int) -> int | None:
-    if token == self.eos_id:
+    if token in self.eos_ids:
       return None
     nxt = self._index.get_next_state(state, int(token))
     return None if nxt is None else nxt

@@ -392,3 +392,28 @@ def test_diagnose_on_a_family_checkpoint(setup):
   assert sum(x for g in ("group_over", "group_under", "group_invalid")
              for x in root[g][:1]) == pytest.approx(1.0, abs=1e-5)
   assert json.loads(read(out / "manifest.json"))["flags"]["model"] == model
+
+
+def test_diagnose_and_frontier_with_chat_prompts(setup, tmp_path):
+  """``--prompt_style=chat`` on a tiny chat checkpoint (the random Qwen3 with a chat tokenizer
+  and Qwen3's template): every results file and manifest records the rendered prompt."""
+  import shutil
+  model = tmp_path / "qwen3_chat"
+  shutil.copytree(os.path.join(ROOT, "tests", "data", "families", "qwen3"), model)
+  chat = os.path.join(ROOT, "tests", "data", "chat", "chat_model")
+  for f in os.listdir(chat):
+    shutil.copyfile(os.path.join(chat, f), model / f)
+  task = tmp_path / "pick.json"
+  task.write_text(json.dumps({"name": "pick", "description": "", "prompts": ["Pick:"],
+                              "chat_prompts": ["Pick a or b."], "answers": ["a", "b", "ab"]}))
+  want = ("<|im_start|>user\nPick a or b.<|im_end|>\n<|im_start|>assistant\n"
+          "<think>\n\n</think>\n\n")
+  common = dict(model=str(model), task=[str(task)], prompt_style="chat")
+  run(diagnose, setup, tmp_path / "d", floor=1e-12, max_nodes=4, **common)
+  run(frontier, setup, tmp_path / "f", samplers=["t=1", "top_p=0.9"], rules=[], bound=1e-2,
+      temperatures=["1"], oracle_taus=[], **common)
+  summary = json.loads(read(tmp_path / "d" / "summary.json"))
+  assert summary["pick"]["prompt"] == want and summary["pick"]["prompt_style"] == "chat"
+  assert json.loads(read(tmp_path / "f" / "frontier.json"))["pick"]["prompt"] == want
+  for out in ("d", "f"):
+    assert json.loads(read(tmp_path / out / "manifest.json"))["prompts"] == {"pick": want}

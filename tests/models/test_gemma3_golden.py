@@ -66,3 +66,17 @@ def test_cached_decoding_equals_full_forward(lm):
   for t in range(5, len(ids)):
     logits, _, cache = lm.decode(cache, ids[t:t + 1])
     np.testing.assert_allclose(np.asarray(logits[0]), full[t], atol=2e-4)
+
+
+def test_paper_shape_groups_at_the_first_us_state_token(lm):
+  """The paper's grouping (top-2 valid tokens at T = 1 are "frequent") on the packaged model's
+  first US-state token: the numbers measured when the figure was specified (the issue)."""
+  from calibjax import tasks
+  from calibjax.analysis import diagnostics
+  task = tasks.load("us_states")
+  cfg = diagnostics.DiagnoseConfig(max_nodes=1, temperatures=(0.5, 1.0, 2.5))
+  root = diagnostics.diagnose_task(lm, task, cfg, progress=False)["nodes"][0]
+  got = np.array([root["group_over"], root["group_under"], root["group_invalid"]]).T
+  want = [[.854, .115, .031], [.291, .378, .332], [.005, .054, .941]]
+  np.testing.assert_allclose(got, want, atol=1.5e-3)
+  np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)

@@ -33,7 +33,7 @@ def valid_mask(tok, task, text):
   complete = {(l + a).encode() for l in task.leading for a in task.answers}
   prefixes = {s[:k] for s in full for k in range(1, len(s) + 1)}
   valid = np.array([b is not None and b != b"" and text + b in prefixes for b in tb])
-  valid[tok.eos_id] = text in complete
+  valid[list(tok.eos_ids)] = text in complete
   return valid
 
 
@@ -55,7 +55,7 @@ def brute_force(lm, task, sampler):
     for v in np.flatnonzero(valid):
       if p[v] == 0:
         continue
-      if v == tok.eos_id:
+      if v in tok.eos_ids:
         out[complete[text]] += prob * p[v]
       elif text + tb[v] in full:
         out[full[text + tb[v]]] += prob * p[v]

@@ -1,19 +1,28 @@
 """Token-validity masks (outlines-core) against a pure-Python string-prefix oracle, on the
 packaged Gemma 3 vocabulary, at sampled prefixes of every built-in task."""
 
+import os
 import random
 
 import numpy as np
 import pytest
 
 from calibjax import tasks
+from calibjax.models import hf_checkpoint
 from calibjax.tasks import validity
+from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def vocab(gemma_tokenizer):
-  tok = gemma_tokenizer
-  return tok.vocab, tok.eos_id, tok.token_bytes()
+@pytest.fixture(scope="module", params=["gemma", "byte_level", "sentencepiece"])
+def vocab(request):
+  """The packaged Gemma 3 vocabulary (SentencePiece, from GGUF), and the byte-level BPE and
+  SentencePiece-style ``tokenizer.json`` vocabularies of ``tests/data/chat``."""
+  if request.param == "gemma":
+    tok = request.getfixturevalue("gemma_tokenizer")
+  else:
+    tok = hf_checkpoint.read_tokenizer(os.path.join(ROOT, "tests", "data", "chat", request.param),
+                                       vocab_size=2048)
+  return tok.vocab, tok.eos_ids, tok.token_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +45,11 @@ class PrefixOracle:
     self.prefixes = {s[:i] for s in self.full for i in range(1, len(s) + 1)}
     self.eos_ends = task.end_of_sequence
 
-  def mask(self, text, token_bytes, eos_id):
+  def mask(self, text, token_bytes, eos_ids):
     t = self.fold(text)
     m = np.array([b is not None and b != b"" and self.fold(t + b) in self.prefixes
                   for b in token_bytes])
-    m[eos_id] = t in self.full or (self.eos_ends and t in self.answers)
+    m[list(eos_ids)] = t in self.full or (self.eos_ends and t in self.answers)
     return m
 
 
@@ -60,7 +69,10 @@ def test_masks_equal_the_string_prefix_oracle(name, vocab, index_cache):
   task = tasks.load(name)
   index = validity.ValidityIndex(task, tb, eos, cache_dir=index_cache)
   oracle = PrefixOracle(task)
-  byte_token = {tb[i][0]: i for i, w in enumerate(words) if w.startswith("<0x")}
+  byte_token = {}  # a one-byte token per byte: walking byte by byte is non-canonical
+  for i, b in enumerate(tb):
+    if b is not None and len(b) == 1:
+      byte_token.setdefault(b[0], i)
   rng = random.Random(name)
   prefixes = {b""}
   for _ in range(3):
@@ -79,8 +91,8 @@ def test_masks_equal_the_string_prefix_oracle(name, vocab, index_cache):
   assert walk(index, b"Zz9!", byte_token) is None
 
 
-def test_prefix_answers_and_multi_token_paths(vocab, index_cache):
-  words, eos, tb = vocab
+def test_prefix_answers_and_multi_token_paths(gemma_tokenizer, index_cache):
+  words, eos, tb = gemma_tokenizer.vocab, gemma_tokenizer.eos_ids, gemma_tokenizer.token_bytes()
   index = validity.ValidityIndex(tasks.load("integers_1_20"), tb, eos,
                                  cache_dir=index_cache)
   state = index.advance(index.initial_state, words.index("1"))
@@ -133,3 +145,24 @@ def test_index_cache_is_plain_data_checked_by_its_digest(tmp_path, capsys):
   np.testing.assert_array_equal(masks(build()), masks(first))
   assert not (tmp_path / "code-ran").exists()
   assert "rebuilding the validity index" in capsys.readouterr().err
+
+
+def test_markdown_surface_forms_when_the_task_accepts_them(index_cache):
+  """``markdown: true`` accepts ``**Ohio**`` (and ``*``, ``__``, ``_``, backticks) — masks
+  equal the string-prefix oracle over the wrapped strings; the default stays strict."""
+  from calibjax.testing import tiny
+  tb = tiny.tokenizer().token_bytes()
+  raw = {"name": "md", "description": "", "prompts": ["Q"], "answers": ["ab", "b"]}
+  strict, loose = tasks.from_dict(raw), tasks.from_dict({**raw, "markdown": True})
+  wrapped = [m + a + m for m in ("**", "__", "*", "_", "`") for a in raw["answers"]]
+  oracle = PrefixOracle(tasks.from_dict({**raw, "answers": raw["answers"] + wrapped}))
+  index = validity.ValidityIndex(loose, tb, (1,), cache_dir=index_cache)
+  byte_token = {b[0]: i for i, b in enumerate(tb) if b is not None and len(b) == 1}
+  for text in [b"", b" *", b" **a", b" **ab*", b" **ab**", b"`b`", b"_b"]:
+    state = walk(index, text, byte_token)
+    assert state is not None, text
+    np.testing.assert_array_equal(index.mask(state, text), oracle.mask(text, tb, (1,)), str(text))
+  assert loose.answer_index("**ab**") == 0 and loose.answer_index("`b`") == 1
+  assert strict.answer_index("**ab**") is None and loose.answer_index("**ab*") is None
+  strict_index = validity.ValidityIndex(strict, tb, (1,), cache_dir=index_cache)
+  assert walk(strict_index, b" **", byte_token) is None
