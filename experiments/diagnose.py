@@ -41,7 +41,8 @@ def config() -> diagnostics.DiagnoseConfig:
         temperatures=tuple(float(t) for t in _TEMPERATURES.value),
         frequent_top_m=_FREQUENT.value,
         cutoffs=tuple(int(c) for c in _CUTOFFS.value), batch_size=shared_flags.BATCH_SIZE.value,
-        prompt_style=shared_flags.PROMPT_STYLE.value)
+        prompt_style=shared_flags.PROMPT_STYLE.value,
+        template_kwargs=shared_flags.template_kwargs())
   except ValueError as e:
     raise app.UsageError(f"--shape_temperatures / --cutoffs: {e}") from None
 

@@ -62,6 +62,7 @@ def run() -> dict:
     def positions():
       pos = ht.concat([ht.task_positions(lm, t, batch_size=shared_flags.BATCH_SIZE.value,
                                          prompt_style=shared_flags.PROMPT_STYLE.value,
+                                         template_kwargs=shared_flags.template_kwargs(),
                                          cache_dir=job.validity_cache) for t in job.tasks])
       keep = ht.keep_positions(lm, jax.random.key(shared_flags.SEED.value))
       return {"steps": {n: head_report.step_metrics(pos, embed, h) for n, h in models.items()},

@@ -41,7 +41,8 @@ def run() -> dict:
     for task in job.tasks:
 
       def draw(b, start):  # batch b: its own key, so a resumed run draws the same samples
-        prompt = prompts.task_prompt(job.model(), task, shared_flags.PROMPT_STYLE.value)
+        prompt = prompts.task_prompt(job.model(), task, shared_flags.PROMPT_STYLE.value,
+                                     template_kwargs=shared_flags.template_kwargs())
         mc = sequence.sample(job.model(), task, spec, min(batch, n - start),
                              jax.random.fold_in(jax.random.key(shared_flags.SEED.value), b),
                              max_new_tokens=_MAX_NEW_TOKENS.value, batch_size=batch,

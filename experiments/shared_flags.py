@@ -2,8 +2,10 @@
 another for its flags), in two groups:
 
 - :data:`GENERAL`, every binary's: ``--model`` (a name such as ``gemma3-270m``, a ``.gguf``
-  file or a Hugging Face directory), ``--dtype``, ``--prompt_style``, ``--task`` (repeatable: a built-in name, a task file
-  path, or ``all``), ``--out``, ``--seed``, ``--batch_size``, ``--resume``, ``--cache_dir``,
+  file or a Hugging Face directory), ``--dtype``, ``--prompt_style``,
+  ``--chat_template_kwargs`` (:func:`template_kwargs`), ``--task`` (repeatable: a built-in
+  name, a task file path, or ``all``), ``--out``, ``--seed``, ``--batch_size``, ``--resume``,
+  ``--cache_dir``,
   ``--head``, ``--mesh``, ``--distributed`` (with ``--coordinator_address``,
   ``--num_processes``, ``--process_id``);
 - :data:`SWEEP`, the frontier sweeps of ``frontier`` and ``head_report``: ``--samplers``,
@@ -27,6 +29,9 @@ PROMPT_STYLE = flags.DEFINE_enum(
     "prompt_style", "auto", ["auto", "chat", "completion"],
     "chat: the task's chat_prompts as a user turn through the checkpoint's chat template; "
     "completion: its base-model prompts; auto: chat when the checkpoint has a template.")
+TEMPLATE_KWARGS = flags.DEFINE_string(
+    "chat_template_kwargs", "{}", "JSON object of keyword arguments for the chat template, over "
+    'the defaults {"enable_thinking": false}, e.g. \'{"date_string": "01 Jan 2026"}\'.')
 TASK = flags.DEFINE_multi_string("task", ["us_states"],
                                  "Task name, task file path, or 'all' (repeatable).")
 OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
@@ -57,10 +62,22 @@ ORACLE_TAUS = flags.DEFINE_list("oracle_taus", ["0.9", "0.95", "0.99"], "oracle_
 COVERAGE_N = flags.DEFINE_integer("coverage_n", 100, "N of coverage@N.")
 BOUND = flags.DEFINE_float("bound", 1e-3, "Stop when every unexplored valid mass is below.")
 
-GENERAL = (MODEL, DTYPE, PROMPT_STYLE, TASK, OUT, SEED, BATCH_SIZE, RESUME, CACHE_DIR, HEAD, MESH, DISTRIBUTED,
-           COORDINATOR, NUM_PROCESSES, PROCESS_ID)
+GENERAL = (MODEL, DTYPE, PROMPT_STYLE, TEMPLATE_KWARGS, TASK, OUT, SEED, BATCH_SIZE, RESUME,
+           CACHE_DIR, HEAD, MESH, DISTRIBUTED, COORDINATOR, NUM_PROCESSES, PROCESS_ID)
 SWEEP = (SAMPLERS, RULES, TEMPERATURES, ORACLE_TAUS, COVERAGE_N, BOUND)
 GROUPS = {"general": GENERAL, "sweep": SWEEP}
+
+
+def template_kwargs() -> tuple[tuple[str, object], ...]:
+  """``--chat_template_kwargs`` as ``(name, value)`` pairs (what the configs hold)."""
+  import json
+  try:
+    value = json.loads(TEMPLATE_KWARGS.value)
+  except ValueError as e:
+    raise app.UsageError(f"--chat_template_kwargs: not JSON ({e}).") from None
+  if not isinstance(value, dict):
+    raise app.UsageError(f"--chat_template_kwargs: a JSON object, got {TEMPLATE_KWARGS.value!r}.")
+  return tuple(sorted(value.items()))
 
 
 def frontier_config() -> frontier.FrontierConfig:
@@ -75,6 +92,6 @@ def frontier_config() -> frontier.FrontierConfig:
         rules=tuple(RULES.value), temperatures=tuple(float(t) for t in TEMPERATURES.value),
         oracle_taus=tuple(float(t) for t in ORACLE_TAUS.value), samplers=tuple(SAMPLERS.value),
         coverage_n=COVERAGE_N.value, bound=BOUND.value, batch_size=BATCH_SIZE.value,
-        prompt_style=PROMPT_STYLE.value)
+        prompt_style=PROMPT_STYLE.value, template_kwargs=template_kwargs())
   except ValueError as e:
     raise app.UsageError(f"--temperatures / --oracle_taus: {e}") from None

@@ -57,6 +57,7 @@ def positions(lm, out: str, todo, cache_dir: str) -> dict:
         tasks = progress.bar(f"{name} positions", "task", iterable=split[name])
         pos = ht.concat([ht.task_positions(lm, t, batch_size=shared_flags.BATCH_SIZE.value,
                                            prompt_style=shared_flags.PROMPT_STYLE.value,
+                                           template_kwargs=shared_flags.template_kwargs(),
                                            cache_dir=cache_dir) for t in tasks])
       else:
         continue

@@ -51,6 +51,7 @@ class DiagnoseConfig:
   batch_size: int = 16
   prompt_index: int = 0
   prompt_style: str = "auto"
+  template_kwargs: tuple[tuple[str, object], ...] = ()  # (name, value) for the chat template
 
 
 def _metrics(z, m, cfg: DiagnoseConfig):
@@ -96,7 +97,7 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, hea
   vocab = len(tok.vocab)
   cfg = dataclasses.replace(cfg, cutoffs=tuple(c for c in cfg.cutoffs if c <= vocab) or (vocab,))
   tree = Tree(task, tok, cache_dir)
-  prompt = prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index)
+  prompt = prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index, cfg.template_kwargs)
   evaluate = NodeEvaluator(lm, list(prompt.ids), tree, batch_size=cfg.batch_size, head=head)
   queue = BestFirst()
   queue.push(tree.root(np.ones(1)), 1.0)

@@ -36,6 +36,7 @@ class FrontierConfig:
   batch_size: int = 32
   prompt_index: int = 0
   prompt_style: str = "auto"  # see calibjax.models.prompts
+  template_kwargs: tuple[tuple[str, object], ...] = ()  # (name, value) for the chat template
 
 
 def frontier_samplers(cfg: FrontierConfig) -> list[str]:
@@ -107,9 +108,10 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, hea
   """
   samplers = frontier_samplers(cfg)
   n = cfg.coverage_n
+  prompt = prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index, cfg.template_kwargs)
   res = sequence.exact(lm, task, samplers, bound=cfg.bound, batch_size=cfg.batch_size,
-                       coverage_n=sorted({1, 10, n}), prompt=prompts.task_prompt(lm, task, cfg.prompt_style, cfg.prompt_index),
-                       head=head, cache_dir=cache_dir, progress=progress)
+                       coverage_n=sorted({1, 10, n}), prompt=prompt, head=head,
+                       cache_dir=cache_dir, progress=progress)
   points = [{
       "sampler": r.sampler, "family": family(r.sampler),
       "temperature": truncation.Sampler.parse(r.sampler).temperature,
@@ -121,7 +123,8 @@ def frontier_task(lm, task: Task, cfg: FrontierConfig = FrontierConfig(), *, hea
       for r in res.samplers]
   fams = sorted({p["family"] for p in points})
   size = len(task.answers)
-  return {"task": task.name, "prompt": res.prompt, "prompt_style": res.prompt_style, "answers": list(task.answers),
+  return {"task": task.name, "prompt": res.prompt, "prompt_style": res.prompt_style,
+          "answers": list(task.answers),
           "coverage_n": n, "bound": cfg.bound, "nodes_expanded": res.nodes_expanded,
           "bound_reached": res.bound_reached, "points": points,
           "pareto": {f: [p["sampler"] for p in pareto([q for q in points if q["family"] == f], n)]

@@ -134,7 +134,8 @@ def _convert(path: str, folder: str, progress: bool, mesh) -> None:
     leaves[k] = leaves[k].replace(jax.device_put(value, where.get(k)))
     done.add(k)
   if len(done) != len(leaves):
-    raise errors.ModelLoadError(f"{path}: no tensor for {sorted(set(leaves) - done)[:5]}.")
+    missing = sorted(".".join(map(str, k)) for k in set(leaves) - done)
+    raise errors.ModelLoadError(f"{path}: no tensor for {missing[:5]}.")
   state = nnx.from_flat_state(leaves)
   checkpoint.save(folder, state, {"config.json": json.dumps(cfg.to_dict()).encode(), **files})
 

@@ -34,8 +34,11 @@ class Prompt:
   ids: tuple[int, ...]
 
 
-def task_prompt(lm, task, style: str = "auto", index: int = 0, **template_kwargs) -> Prompt:
-  """The ``index``-th prompt of ``task`` for ``lm`` in ``style`` (see the module docstring).
+def task_prompt(lm, task, style: str = "auto", index: int = 0, template_kwargs=(),
+                **more_kwargs) -> Prompt:
+  """The ``index``-th prompt of ``task`` for ``lm`` in ``style`` (see the module docstring);
+  ``template_kwargs`` (a dict or ``(name, value)`` pairs, as configs hold them) and
+  ``more_kwargs`` reach the chat template over :data:`TEMPLATE_DEFAULTS`.
 
   Raises:
     InputError: an unknown style; chat asked of a model without a chat template; no such
@@ -59,7 +62,8 @@ def task_prompt(lm, task, style: str = "auto", index: int = 0, **template_kwargs
     return Prompt("completion", prompts[index], tuple(lm.tokenizer.encode(prompts[index])))
   messages = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt
               else []) + [{"role": "user", "content": prompts[index]}]
-  text = template.render(messages, **{**TEMPLATE_DEFAULTS, **template_kwargs})
+  text = template.render(messages, **{**TEMPLATE_DEFAULTS, **dict(template_kwargs),
+                                      **more_kwargs})
   return Prompt("chat", text, tuple(lm.tokenizer.encode(text, add_bos=False)))
 
 

@@ -5,7 +5,7 @@ Heads (each exactly the base model at its identity initialisation):
 
 - :class:`TemperatureHead` — ``z' = z · s(h)``, ``s = exp(w·ĥ + b) > 0``, ``s = 1`` at
   init: reshapes each position's distribution, keeps its order;
-- :class:`LowRankHead` — ``z' = z · s(h) + E (U Vᵀ ĥ)`` with ``E [V, d]`` the (frozen, tied)
+- :class:`LowRankHead` — ``z' = z · s(h) + E (U Vᵀ ĥ)`` with ``E [V, d]`` the (frozen)
   output embedding and rank-r ``U, V [d, r]`` (``U = 0`` at init): can reorder tokens;
 - :class:`ThresholdHead` — a per-position threshold ``τ(h) = σ(w·ĥ + b)`` in probability
   space, applied softly while training, ``z' = z + g · log σ((log p − log τ) / κ)`` (gate

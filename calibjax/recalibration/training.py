@@ -1,7 +1,7 @@
 """Training recalibration heads with optax on cached positions of a frozen model.
 
 A position is what the losses need and nothing more: the model's final (normed) hidden state
-``h [d]`` — its logits are ``h Eᵀ`` with the tied output embedding ``E``, recomputed in the
+``h [d]`` — its logits are ``h Eᵀ`` with the output embedding ``E``, recomputed in the
 step instead of stored (1 MiB per position at V = 262,144) — and, for task positions, the
 valid token ids with the target weights over them (:class:`Positions`).
 
@@ -28,7 +28,8 @@ import optax
 from flax import nnx, struct
 
 from calibjax import errors, results
-from calibjax.models import checkpoint, prompts
+from calibjax.models import checkpoint
+from calibjax.models.prompts import task_prompt
 from calibjax.models.language_model import pad_rows
 from calibjax.recalibration import LossWeights, keep_loss, task_loss
 
@@ -189,14 +190,25 @@ GENERIC_PROMPTS = (
     "The theory of relativity states", "My favourite film is")
 
 
+def _check_logits_are_projections(lm) -> None:
+  """Positions store hidden states and recompute the logits as ``h Eᵀ``: not the model's
+  logits when it soft-caps them (Gemma 2)."""
+  if lm.config.final_softcap is not None:
+    raise errors.InputError(f"{lm.name}: recalibration heads recompute the logits as h Eᵀ; a "
+                            f"model that soft-caps them ({lm.config.family}) is not supported.")
+
+
 def task_positions(lm, task, *, prompt_index: int = 0, prompt_style: str = "auto",
-                   batch_size: int = 32, cache_dir: str | None = None) -> Positions:
+                   template_kwargs=(), batch_size: int = 32,
+                   cache_dir: str | None = None) -> Positions:
   """One position per prefix of the task's canonical answer paths (SPEC §6 compounding
-  paths) after the task's prompt (``prompt_style``: see :mod:`calibjax.models.prompts`): the
+  paths) after the task's prompt (``prompt_style``, ``template_kwargs``: see
+  :mod:`calibjax.models.prompts`): the
   hidden state there, the valid tokens, and the target pushed down the paths — each valid
   token's weight is the target mass of the answers whose canonical path continues with it
   (other valid tokens: 0)."""
   from calibjax.sequence.tree import NodeEvaluator, Tree, canonical_paths
+  _check_logits_are_projections(lm)
   tok = lm.tokenizer
   tree = Tree(task, tok, cache_dir)
   paths = canonical_paths(task, tok)
@@ -210,7 +222,7 @@ def task_positions(lm, task, *, prompt_index: int = 0, prompt_style: str = "auto
     for node in tree.prefixes(path, np.zeros(1)):
       nodes.setdefault(node.path, node)
   nodes = [nodes[p] for p in sorted(nodes, key=lambda p: (len(p), p))]
-  prompt = prompts.task_prompt(lm, task, prompt_style, prompt_index)
+  prompt = task_prompt(lm, task, prompt_style, prompt_index, template_kwargs)
   evaluate = NodeEvaluator(lm, list(prompt.ids), tree,
                            batch_size=batch_size, max_depth=max(map(len, paths)) + 1)
   hidden, ids, target = [], [], []
@@ -236,6 +248,7 @@ def task_positions(lm, task, *, prompt_index: int = 0, prompt_style: str = "auto
 def keep_positions(lm, key, *, prompts=GENERIC_PROMPTS, new_tokens: int = 16) -> Positions:
   """Hidden states along the model's own generations (T = 1 samples) after generic prompts:
   where a head must leave the distribution as it was."""
+  _check_logits_are_projections(lm)
   ids, mask = pad_rows([lm.tokenizer.encode(p) for p in prompts])
   logits, hidden, cache = lm.prefill(ids, mask, max_new_tokens=new_tokens)
   out = [np.asarray(hidden)]

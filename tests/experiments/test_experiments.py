@@ -411,9 +411,11 @@ def test_diagnose_and_frontier_with_chat_prompts(setup, tmp_path):
   common = dict(model=str(model), task=[str(task)], prompt_style="chat")
   run(diagnose, setup, tmp_path / "d", floor=1e-12, max_nodes=4, **common)
   run(frontier, setup, tmp_path / "f", samplers=["t=1", "top_p=0.9"], rules=[], bound=1e-2,
-      temperatures=["1"], oracle_taus=[], **common)
+      temperatures=["1"], oracle_taus=[], chat_template_kwargs='{"enable_thinking": true}',
+      **common)
   summary = json.loads(read(tmp_path / "d" / "summary.json"))
   assert summary["pick"]["prompt"] == want and summary["pick"]["prompt_style"] == "chat"
-  assert json.loads(read(tmp_path / "f" / "frontier.json"))["pick"]["prompt"] == want
-  for out in ("d", "f"):
-    assert json.loads(read(tmp_path / out / "manifest.json"))["prompts"] == {"pick": want}
+  thinking = want.replace("<think>\n\n</think>\n\n", "")  # the template's own default
+  assert json.loads(read(tmp_path / "f" / "frontier.json"))["pick"]["prompt"] == thinking
+  assert json.loads(read(tmp_path / "d" / "manifest.json"))["prompts"] == {"pick": want}
+  assert json.loads(read(tmp_path / "f" / "manifest.json"))["prompts"] == {"pick": thinking}

@@ -1,4 +1,5 @@
-"""The NNX decoder (Gemma 3 configuration) on tiny random checkpoints: cache, padding, window, dtype."""
+"""The NNX decoder (Gemma 3 configuration) on tiny random checkpoints: cache, padding, window,
+dtype."""
 
 import dataclasses
 

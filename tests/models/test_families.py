@@ -193,3 +193,16 @@ def test_hidden_states_and_output_embedding_give_the_logits(name, cache):
   np.testing.assert_allclose(np.asarray(logits), want, rtol=1e-5, atol=1e-4)
   tied = lm.config.tie_embeddings
   assert tied == (name == "qwen3") and ("lm_head" in lm._state) == (not tied)
+
+
+def test_heads_refuse_soft_capped_logits(cache):
+  """Recalibration positions recompute logits as h Eᵀ: for Gemma 2's soft-capped logits that
+  would be wrong, so it is an error, not a silent mismatch."""
+  import jax
+  from calibjax import tasks
+  from calibjax.recalibration import training
+  lm = load("gemma2", cache)
+  with pytest.raises(errors.InputError, match="soft-caps"):
+    training.keep_positions(lm, jax.random.key(0))
+  with pytest.raises(errors.InputError, match="soft-caps"):
+    training.task_positions(lm, tasks.load("coin_flip"))
