@@ -72,7 +72,7 @@ def test_cached_decoding_equals_the_full_forward(name, cache):
     np.testing.assert_allclose(np.asarray(logits), want[:, t], atol=5e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "olmo3"])
+@pytest.mark.parametrize("name", ["qwen3_moe"])  # experts, q/k norm, untied output
 def test_on_a_mesh_equals_one_device(name, cache, tmp_path):
   """``--mesh=data:2,model:4`` on the 8 CPU devices: the single-device numbers."""
   import jax

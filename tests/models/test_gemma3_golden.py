@@ -71,12 +71,17 @@ def test_cached_decoding_equals_full_forward(lm):
 def test_paper_shape_groups_at_the_first_us_state_token(lm):
   """The paper's grouping (top-2 valid tokens at T = 1 are "frequent") on the packaged model's
   first US-state token: the numbers measured when the figure was specified (the issue)."""
+  import jax.numpy as jnp
   from calibjax import tasks
-  from calibjax.analysis import diagnostics
+  from calibjax.core import shape
+  from calibjax.models import prompts
+  from calibjax.sequence.tree import Tree
   task = tasks.load("us_states")
-  cfg = diagnostics.DiagnoseConfig(max_nodes=1, temperatures=(0.5, 1.0, 2.5))
-  root = diagnostics.diagnose_task(lm, task, cfg, progress=False)["nodes"][0]
-  got = np.array([root["group_over"], root["group_under"], root["group_invalid"]]).T
+  tree = Tree(task, lm.tokenizer)
+  z = lm.logits([list(prompts.task_prompt(lm, task).ids)])[:, -1]
+  valid = jnp.asarray(tree.valid_mask(tree.root(np.ones(1))))[None]
+  g = shape.group_masses(z, valid, jnp.array([0.5, 1.0, 2.5]), top_m=2)  # diagnose's default
+  got = np.array([g.over[:, 0], g.under[:, 0], g.invalid[:, 0]]).T
   want = [[.854, .115, .031], [.291, .378, .332], [.005, .054, .941]]
   np.testing.assert_allclose(got, want, atol=1.5e-3)
   np.testing.assert_allclose(got.sum(1), 1, atol=1e-5)
