@@ -158,7 +158,7 @@ class HFTokenizer:
     table = _byte_decoder()
     out = []
     for i, tok in enumerate(self.vocab):
-      if i >= self.size or i in self.special or tok is None:
+      if i >= self.size or i in self.special:
         out.append(None)
       elif i in self.added:  # added (non-special) tokens are stored as text
         out.append(self.added[i].encode("utf-8"))
