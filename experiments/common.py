@@ -174,6 +174,15 @@ def load_tasks() -> list[tasks.Task]:
   return out
 
 
+def prompt_texts(lm, task_list) -> dict[str, str]:
+  """Each task's prompt as ``lm`` reads it under ``--prompt_style`` and
+  ``--chat_template_kwargs`` (what manifests record)."""
+  from calibjax.models import prompts
+  from .shared_flags import PROMPT_STYLE, template_kwargs
+  return {t.name: prompts.task_prompt(lm, t, PROMPT_STYLE.value,
+                                      template_kwargs=template_kwargs()).text for t in task_list}
+
+
 def load_model():
   """The ``--model``; its weights sharded over the ``--mesh`` when it has a ``"model"`` axis
   (FSDP + tensor parallel), else replicated (a ``"data"``-only mesh is pure data parallel)."""

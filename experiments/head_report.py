@@ -76,7 +76,8 @@ def run() -> dict:
     results.write_json_atomic(os.path.join(out, "frontiers.json"), frontiers)
     results.write_text_atomic(os.path.join(out, "report.md"), head_report.report_markdown(rep))
     job.figure(plots.heads_figure, rep, "coverage.png")
-    job.finish(tasks=[t.name for t in job.tasks], heads=list(models)[1:])
+    job.finish(tasks=[t.name for t in job.tasks], heads=list(models)[1:],
+               prompts=common.prompt_texts(lm, job.tasks))
   return rep
 
 

@@ -86,7 +86,8 @@ def run() -> list[dict]:
                        job.out, resume=shared_flags.RESUME.value)
     recalibration.save(os.path.join(job.out, "head"), head, _KIND.value, rank=_RANK.value)
     job.finish(positions={k: len(v) for k, v in data.items()},
-               final=records[-1] if records else None)
+               final=records[-1] if records else None,
+               prompts=common.prompt_texts(lm, job.tasks))
   return records
 
 

@@ -262,6 +262,7 @@ def test_train_head_then_use_it(setup):
   assert sorted(os.listdir(out / "checkpoints")) == ["step_10", "step_20", "step_30"]
   manifest = json.loads(read(out / "manifest.json"))
   assert manifest["positions"]["train"] > 0 and manifest["flags"]["head_kind"] == "low_rank"
+  assert manifest["prompts"] == {"tiny_train": "b", "tiny_ab": "ab"}  # completion prompts
   samplers = ["t=1", "top_k=2", "top_k=5,t=0.7", "min_p=0.3", "oracle_set,t=1.5",
               "oracle_rank=0.9"]
   plain_dir, tuned_dir = setup["root"] / "frontier_plain", setup["root"] / "frontier_head"
