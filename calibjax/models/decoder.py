@@ -36,8 +36,9 @@ import numpy as np
 from flax import nnx
 
 from calibjax.core import pytree
+from calibjax.models import delta_rule
 
-FULL, SLIDING = "full_attention", "sliding_attention"
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Rope:
   beta_slow: float = 1.0  # yarn
   truncate: bool = True  # yarn
   attention_factor: float = 1.0  # yarn: multiplies cos and sin
+  partial: float = 1.0  # the fraction of each head that rotates (its first dimensions)
 
   def inv_freq(self, hd: int) -> np.ndarray:
     """The ``hd / 2`` inverse frequencies, float32 (the reference's float32 arithmetic)."""
@@ -99,6 +101,24 @@ class MoE:
   ffn: int
   norm_topk_prob: bool
   layers: tuple[int, ...]
+  shared_ffn: int = 0  # a shared expert of this width, gated by sigmoid(x w) (Qwen3.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeltaNet:
+  """A Gated DeltaNet linear-attention layer's dimensions (Qwen3.5): ``key_heads`` query/key
+  heads of ``key_dim`` serving ``value_heads`` value heads of ``value_dim``, a causal
+  convolution of ``conv`` taps, the delta rule in chunks of ``chunk`` tokens."""
+  key_heads: int
+  value_heads: int
+  key_dim: int
+  value_dim: int
+  conv: int = 4
+  chunk: int = 64
+
+  @property
+  def channels(self) -> int:  # the convolution's: queries, keys, values
+    return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +133,7 @@ class DecoderConfig:
   kv_heads: int
   head_dim: int
   eps: float
-  layer_types: tuple[str, ...]  # FULL or SLIDING, one per layer
+  layer_types: tuple[str, ...]  # FULL, SLIDING or LINEAR, one per layer
   rope: tuple[tuple[str, Rope], ...]  # (layer type, its rotary embedding)
   sliding_window: int | None = None
   norm: str = "pre"  # "pre", "post" or "sandwich"
@@ -128,6 +148,8 @@ class DecoderConfig:
   final_softcap: float | None = None
   tie_embeddings: bool = True
   moe: MoE | None = None
+  attn_gate: bool = False  # attention output times sigmoid(x W_gate) per head (Qwen3.5)
+  delta_net: DeltaNet | None = None  # the LINEAR layers' dimensions
   context_length: int = 32_768
 
   @property
@@ -148,24 +170,32 @@ class DecoderConfig:
     d["rope"] = tuple((kind, Rope(**r)) for kind, r in d["rope"])
     if d.get("moe") is not None:
       d["moe"] = MoE(**{**d["moe"], "layers": tuple(d["moe"]["layers"])})
+    if d.get("delta_net") is not None:
+      d["delta_net"] = DeltaNet(**d["delta_net"])
     return cls(**d)
 
 
 @pytree.dataclass
 class KVCache:
-  """Per layer keys/values ``[B, S, KV, hd]`` (tuples of L arrays: a step updates each in
-  place without copying the others), the position of each slot ``[B, S]`` (−1: empty or
-  padding) and the next slot to write."""
-  k: tuple[jax.Array, ...]
-  v: tuple[jax.Array, ...]
+  """The decoding state: per layer (a tuple of L pairs, so a step updates each in place
+  without copying the others) the keys and values ``[B, S, KV, hd]`` of an attention layer,
+  or the recurrent state ``[B, H, dk, dv]`` (float32) and the convolution's last inputs
+  ``[B, K-1, C]`` of a Gated DeltaNet layer (O(1) in the context length); the position of
+  each slot ``[B, S]`` (−1: empty or padding) and the next slot to write."""
+  layers: tuple[tuple[jax.Array, jax.Array], ...]
   pos: jax.Array
   index: jax.Array
 
   @classmethod
   def empty(cls, cfg: DecoderConfig, batch: int, size: int, dtype=jnp.float32) -> "KVCache":
-    shape = (batch, size, cfg.kv_heads, cfg.head_dim)
-    return cls(k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
-               v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.layers)),
+    def layer(kind):
+      if kind == LINEAR:
+        n = cfg.delta_net
+        return (jnp.zeros((batch, n.value_heads, n.key_dim, n.value_dim), jnp.float32),
+                jnp.zeros((batch, n.conv - 1, n.channels), dtype))
+      shape = (batch, size, cfg.kv_heads, cfg.head_dim)
+      return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return cls(layers=tuple(layer(kind) for kind in cfg.layer_types),
                pos=jnp.full((batch, size), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
@@ -184,7 +214,7 @@ class RMSNorm(nnx.Module):
   """``x / rms(x) · w`` (or ``· (1 + w)``), computed in float32."""
 
   def __init__(self, dim: int, eps: float, plus_one: bool):
-    self.weight = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.weight = nnx.Param((jnp.zeros if plus_one else jnp.ones)((dim,), jnp.float32))
     self.eps = eps
     self.plus_one = plus_one
 
@@ -210,21 +240,22 @@ def base_inv_freq(base: float, hd: int) -> np.ndarray:
 
 
 def rope(x, pos, spec: Rope):
-  """Rotary embedding (rotate-half convention) of ``x [B, T, N, hd]`` at ``pos [B, T]``.
+  """Rotary embedding (rotate-half convention) of ``x [B, T, N, hd]`` at ``pos [B, T]``, on
+  the first ``hd · spec.partial`` dimensions of each head (the rest pass unchanged).
 
   The angles ``pos × inv_freq`` are float32 products, as in the reference implementations;
   exact angles would move log-probabilities past a few hundred tokens by up to ~4e-3 away
   from them (BUILD_NOTES.md, "The model")."""
-  hd = x.shape[-1]
-  freqs = jnp.asarray(spec.inv_freq(hd))
-  angles = pos.astype(jnp.float32)[..., None] * freqs  # [B, T, hd/2]
+  rd = int(x.shape[-1] * spec.partial)
+  freqs = jnp.asarray(spec.inv_freq(rd))
+  angles = pos.astype(jnp.float32)[..., None] * freqs  # [B, T, rd/2]
   angles = jnp.concatenate([angles, angles], -1)
   cos = (jnp.cos(angles) * np.float32(spec.attention_factor))[:, :, None, :]
   sin = (jnp.sin(angles) * np.float32(spec.attention_factor))[:, :, None, :]
   x32 = x.astype(jnp.float32)
-  half = hd // 2
-  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], -1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  r, half = x32[..., :rd], rd // 2
+  rotated = jnp.concatenate([-r[..., half:], r[..., :half]], -1)
+  return jnp.concatenate([r * cos + rotated * sin, x32[..., rd:]], -1).astype(x.dtype)
 
 
 def _softcap(x, cap):
@@ -235,6 +266,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: DecoderConfig, layer: int, rngs: nnx.Rngs):
     d, h, kv, hd = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (d, h * hd), ("embed", "heads"))
+    if cfg.attn_gate:
+      self.gate_proj = _param(rngs, (d, h * hd), ("embed", "heads"))
     self.k_proj = _param(rngs, (d, kv * hd), ("embed", "heads"))
     self.v_proj = _param(rngs, (d, kv * hd), ("embed", "heads"))
     self.o_proj = _param(rngs, (h * hd, d), ("heads", "embed"))
@@ -260,9 +293,10 @@ class Attention(nnx.Module):
     bias = getattr(self, f"{name}_bias", None)
     return y if bias is None else y + bias[...].astype(y.dtype)
 
-  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
+  def __call__(self, x, pos, cache, kpos, index):
     """Writes this call's keys/values into the layer's cache ``[B, S, KV, hd]`` at ``index``
     (in place when the buffer is donated) and attends over the whole cache."""
+    k_cache, v_cache = cache
     b, t, _ = x.shape
     h, kv, hd = self.shape
     q, k, v = self._project(x, "q"), self._project(x, "k"), self._project(x, "v")
@@ -287,21 +321,76 @@ class Attention(nnx.Module):
     scores = jnp.where(allowed[:, :, None, None, :], scores, -1e30)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("btkgs,bskd->btkgd", probs, v_cache).reshape(b, t, h * hd)
+    if hasattr(self, "gate_proj"):
+      out = out * jax.nn.sigmoid(x @ self.gate_proj[...])
     out = out @ self.o_proj[...]
     bias = getattr(self, "o_bias", None)
-    return (out if bias is None else out + bias[...].astype(out.dtype)), k_cache, v_cache
+    return (out if bias is None else out + bias[...].astype(out.dtype)), (k_cache, v_cache)
+
+
+class GatedDeltaNet(nnx.Module):
+  """Qwen3.5's linear attention: queries, keys and values through a causal convolution and
+  SiLU, L2-normalised queries and keys, per-token decay ``g = −e^A · softplus(x W_a + dt)``
+  and write strength ``β = sigmoid(x W_b)`` (:func:`calibjax.models.delta_rule.gated_delta_rule`;
+  each query/key head serves ``value_heads / key_heads`` consecutive value heads), then a
+  per-head RMSNorm (weight ``w``) times ``silu(x W_z)`` and the output projection. Its cache
+  is the recurrent state and the convolution's last ``K-1`` inputs. Padding tokens
+  (``pos < 0``) change neither; a row's real tokens must be contiguous, and start the call
+  when the cache already holds some (right padding), as every caller does."""
+
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
+    n, d = cfg.delta_net, cfg.hidden
+    keys, values = n.key_heads * n.key_dim, n.value_heads * n.value_dim
+    self.q_proj = _param(rngs, (d, keys), ("embed", "heads"))
+    self.k_proj = _param(rngs, (d, keys), ("embed", "heads"))
+    self.v_proj = _param(rngs, (d, values), ("embed", "heads"))
+    self.z_proj = _param(rngs, (d, values), ("embed", "heads"))
+    self.b_proj = _param(rngs, (d, n.value_heads), ("embed", "heads"))
+    self.a_proj = _param(rngs, (d, n.value_heads), ("embed", "heads"))
+    self.conv = _param(rngs, (n.conv, n.channels), (None, None), 0.5)
+    self.a_log = _param(rngs, (n.value_heads,), ("heads",), 1.0)
+    self.dt_bias = _param(rngs, (n.value_heads,), ("heads",), 1.0)
+    self.norm = RMSNorm(n.value_dim, cfg.eps, plus_one=False)
+    self.o_proj = _param(rngs, (values, d), ("heads", "embed"))
+    self.dims = n
+
+  def __call__(self, x, pos, cache, kpos, index):
+    state, tail = cache
+    n, (b, t, _) = self.dims, x.shape
+    mask = (pos >= 0)[..., None]
+    qkv = jnp.concatenate([x @ self.q_proj[...], x @ self.k_proj[...], x @ self.v_proj[...]], -1)
+    qkv = jnp.where(mask, qkv, 0)
+    mixed = jax.nn.silu(delta_rule.causal_conv(qkv, tail, self.conv[...]))
+    tail = delta_rule.conv_tail(qkv, tail, mask[..., 0])
+    keys = n.key_heads * n.key_dim
+    q = mixed[..., :keys].reshape(b, t, n.key_heads, n.key_dim).astype(jnp.float32)
+    k = mixed[..., keys:2 * keys].reshape(b, t, n.key_heads, n.key_dim).astype(jnp.float32)
+    v = mixed[..., 2 * keys:].reshape(b, t, n.value_heads, n.value_dim)
+    group = n.value_heads // n.key_heads
+    q = jnp.repeat(delta_rule.l2_normalise(q), group, axis=2) * np.float32(n.key_dim ** -0.5)
+    k = jnp.repeat(delta_rule.l2_normalise(k), group, axis=2)
+    beta = jnp.where(mask, jax.nn.sigmoid((x @ self.b_proj[...]).astype(jnp.float32)), 0.0)
+    g = -jnp.exp(self.a_log[...].astype(jnp.float32)) * jax.nn.softplus(
+        (x @ self.a_proj[...]).astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))
+    g = jnp.where(mask, g, 0.0)
+    out, state = delta_rule.gated_delta_rule(q, k, v, g, beta, state, n.chunk)
+    z = (x @ self.z_proj[...]).reshape(b, t, n.value_heads, n.value_dim)
+    out = self.norm(out.astype(x.dtype)) * jax.nn.silu(z.astype(jnp.float32)).astype(x.dtype)
+    return out.reshape(b, t, -1) @ self.o_proj[...], (state, tail)
 
 
 _ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 class MLP(nnx.Module):
-  """The gated feed-forward ``(act(x W_gate) · x W_up) W_down``."""
+  """The gated feed-forward ``(act(x W_gate) · x W_up) W_down`` (width ``ffn``, default the
+  config's)."""
 
-  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
-    self.gate = _param(rngs, (cfg.hidden, cfg.ffn), ("embed", "mlp"))
-    self.up = _param(rngs, (cfg.hidden, cfg.ffn), ("embed", "mlp"))
-    self.down = _param(rngs, (cfg.ffn, cfg.hidden), ("mlp", "embed"))
+  def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs, ffn: int | None = None):
+    ffn = ffn or cfg.ffn
+    self.gate = _param(rngs, (cfg.hidden, ffn), ("embed", "mlp"))
+    self.up = _param(rngs, (cfg.hidden, ffn), ("embed", "mlp"))
+    self.down = _param(rngs, (ffn, cfg.hidden), ("mlp", "embed"))
     self.act = cfg.activation
 
   def __call__(self, x):
@@ -313,7 +402,9 @@ class Experts(nnx.Module):
   """A routed mixture of gated MLPs (Qwen3-MoE): router softmax in float32, the top-k experts
   of each token (weights renormalised when ``norm_topk_prob``), each token's rows computed by
   its chosen experts only: the ``N · k`` (token, expert) pairs sorted by expert and run
-  through grouped matrix products (``ragged_dot``), then weighted and summed per token."""
+  through grouped matrix products (``ragged_dot``), then weighted and summed per token. With
+  ``shared_ffn`` (Qwen3.5) every token also goes through a shared expert, weighted by
+  ``sigmoid(x w_shared)``."""
 
   def __init__(self, cfg: DecoderConfig, rngs: nnx.Rngs):
     m = cfg.moe
@@ -322,6 +413,9 @@ class Experts(nnx.Module):
     self.up = _param(rngs, (m.experts, cfg.hidden, m.ffn), ("experts", "embed", "mlp"))
     self.down = _param(rngs, (m.experts, m.ffn, cfg.hidden), ("experts", "mlp", "embed"))
     self.top_k, self.norm, self.act = m.top_k, m.norm_topk_prob, cfg.activation
+    if m.shared_ffn:
+      self.shared = MLP(cfg, rngs, m.shared_ffn)
+      self.shared_gate = _param(rngs, (cfg.hidden, 1), ("embed", None))
 
   def __call__(self, x):
     shape, d = x.shape, x.shape[-1]
@@ -340,11 +434,15 @@ class Experts(nnx.Module):
               * jax.lax.ragged_dot(rows, self.up[...], sizes))
     out = jax.lax.ragged_dot(hidden, self.down[...], sizes)
     out = out * weight.reshape(-1)[order].astype(x.dtype)[:, None]
-    return jnp.zeros_like(x).at[token].add(out).reshape(shape)
+    out = jnp.zeros_like(x).at[token].add(out)
+    if hasattr(self, "shared"):
+      out = out + jax.nn.sigmoid(x @ self.shared_gate[...]) * self.shared(x)
+    return out.reshape(shape)
 
 
 class Block(nnx.Module):
-  """Attention and feed-forward with residuals; which of the four norms exist depends on
+  """Attention (``attn``: :class:`Attention`, or :class:`GatedDeltaNet` on a ``LINEAR``
+  layer) and feed-forward with residuals; which of the four norms exist depends on
   ``cfg.norm`` (``input_norm``/``pre_ffw_norm`` before, ``post_attn_norm``/``post_ffw_norm``
   on the outputs)."""
 
@@ -354,7 +452,8 @@ class Block(nnx.Module):
       self.input_norm, self.pre_ffw_norm = norm(), norm()
     if cfg.norm in ("post", "sandwich"):
       self.post_attn_norm, self.post_ffw_norm = norm(), norm()
-    self.attn = Attention(cfg, layer, rngs)
+    linear = cfg.layer_types[layer] == LINEAR
+    self.attn = GatedDeltaNet(cfg, rngs) if linear else Attention(cfg, layer, rngs)
     moe = cfg.moe is not None and layer in cfg.moe.layers
     self.mlp = Experts(cfg, rngs) if moe else MLP(cfg, rngs)
 
@@ -362,12 +461,11 @@ class Block(nnx.Module):
     norm = getattr(self, name, None)
     return x if norm is None else norm(x)
 
-  def __call__(self, x, pos, k_cache, v_cache, kpos, index):
-    a, k_cache, v_cache = self.attn(self._norm("input_norm", x), pos, k_cache, v_cache, kpos,
-                                    index)
+  def __call__(self, x, pos, cache, kpos, index):
+    a, cache = self.attn(self._norm("input_norm", x), pos, cache, kpos, index)
     x = x + self._norm("post_attn_norm", a)
     x = x + self._norm("post_ffw_norm", self.mlp(self._norm("pre_ffw_norm", x)))
-    return x, k_cache, v_cache
+    return x, cache
 
 
 class Decoder(nnx.Module):
@@ -399,16 +497,15 @@ class Decoder(nnx.Module):
     pos = jnp.where(mask, start + jnp.cumsum(mask, axis=-1) - 1, -1).astype(jnp.int32)
     kpos = jax.lax.dynamic_update_slice(cache.pos, pos, (jnp.zeros((), cache.index.dtype),
                                                           cache.index))
-    ks, vs = [], []
-    for block, k, v in zip(self.blocks, cache.k, cache.v):
-      x, k, v = block(x, pos, k, v, kpos, cache.index)
-      ks.append(k)
-      vs.append(v)
+    layers = []
+    for block, layer in zip(self.blocks, cache.layers):
+      x, layer = block(x, pos, layer, kpos, cache.index)
+      layers.append(layer)
     hidden = self.final_norm(x)
     if at is not None:
       hidden = jnp.take_along_axis(hidden, at[:, None, None], axis=1)[:, 0]
     logits = jnp.einsum("...d,vd->...v", hidden, self.output_embedding(),
                         preferred_element_type=jnp.float32)
     logits = _softcap(logits, self.cfg.final_softcap)
-    new = KVCache(k=tuple(ks), v=tuple(vs), pos=kpos, index=cache.index + ids.shape[1])
+    new = KVCache(layers=tuple(layers), pos=kpos, index=cache.index + ids.shape[1])
     return logits, hidden, new

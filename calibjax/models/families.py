@@ -2,9 +2,11 @@
 Face ``config.json``, and each one's tensor names.
 
 A family is a ``model_type`` of ``transformers``: ``llama`` (Llama 3 / 3.1 / 3.2), ``mistral``,
-``qwen2`` (Qwen 2.5), ``qwen3``, ``qwen3_moe``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``
-(and the multimodal ``gemma3``, whose text model is read). Any other ``model_type`` —
-Qwen3.5's hybrid layers among them — is an "unsupported architecture" error that names it.
+``qwen2`` (Qwen 2.5), ``qwen3``, ``qwen3_moe``, ``olmo2``, ``olmo3``, ``gemma2``, ``gemma3_text``,
+``qwen3_5_text`` and ``qwen3_5_moe_text`` (Qwen3.5's hybrids: Gated DeltaNet layers, gated
+attention with partial RoPE, experts with a shared one), and the multimodal ``gemma3``,
+``qwen3_5`` and ``qwen3_5_moe``, whose text model is read. Any other ``model_type`` is an
+"unsupported architecture" error that names it.
 
 RoPE is read from the legacy ``rope_theta`` + ``rope_scaling`` (``type`` or ``rope_type``;
 Gemma 3's sliding layers: ``rope_local_base_freq``) and from the newer ``rope_parameters``
@@ -18,37 +20,42 @@ import math
 import numpy as np
 
 from calibjax import errors
-from calibjax.models.decoder import FULL, SLIDING, DecoderConfig, MoE, Rope
+from calibjax.models.decoder import FULL, LINEAR, SLIDING, DecoderConfig, DeltaNet, MoE, Rope
 
 _PRE = dict(norm="pre", activation="silu")
 _GEMMA = dict(norm="sandwich", norm_plus_one=True, activation="gelu_tanh", embed_scale=True)
+_QWEN35 = dict(norm="pre", norm_plus_one=True, qk_norm="head", attn_gate=True)
 SWITCHES = {  # model_type -> the decoder switches that do not depend on config values
     "llama": _PRE, "mistral": _PRE, "qwen2": {**_PRE, "qkv_bias": True},
     "qwen3": {**_PRE, "qk_norm": "head"}, "qwen3_moe": {**_PRE, "qk_norm": "head"},
     "olmo2": dict(norm="post", activation="silu", qk_norm="full"),
     "olmo3": dict(norm="post", activation="silu", qk_norm="full"),
     "gemma2": _GEMMA, "gemma3_text": {**_GEMMA, "qk_norm": "head"},
+    "qwen3_5_text": _QWEN35, "qwen3_5_moe_text": _QWEN35,
 }
 FAMILIES = tuple(SWITCHES)
 _ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
-_ALIASES = {"gemma3": "gemma3_text"}  # multimodal checkpoint: its text_config
+_ALIASES = {"gemma3": "gemma3_text", "qwen3_5": "qwen3_5_text",  # multimodal: text_config
+            "qwen3_5_moe": "qwen3_5_moe_text"}
+_HYBRID = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 def _rope(params: dict, raw: dict, head_dim: int, where: str) -> Rope:
-  """One :class:`Rope` from a ``rope_parameters`` / ``rope_scaling`` dict (``rope_theta``
-  inside it or in the config)."""
+  """One :class:`Rope` from a ``rope_parameters`` / ``rope_scaling`` dict (``rope_theta`` and
+  ``partial_rotary_factor`` inside it or in the config)."""
   kind = params.get("rope_type", params.get("type", "default"))
   theta = float(params.get("rope_theta", raw.get("rope_theta", 10_000.0)))
+  partial = float(params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
   if kind == "default":
-    return Rope(theta)
+    return Rope(theta, partial=partial)
   if kind == "linear":
-    return Rope(theta, "linear", factor=float(params["factor"]))
+    return Rope(theta, "linear", factor=float(params["factor"]), partial=partial)
   original = params.get("original_max_position_embeddings")
   if kind == "llama3":
     return Rope(theta, "llama3", factor=float(params["factor"]),
                 low_freq_factor=float(params["low_freq_factor"]),
                 high_freq_factor=float(params["high_freq_factor"]),
-                original_context=int(original))
+                original_context=int(original), partial=partial)
   if kind == "yarn":
     original = int(original or raw["max_position_embeddings"])
     factor = params.get("factor")
@@ -62,13 +69,14 @@ def _rope(params: dict, raw: dict, head_dim: int, where: str) -> Rope:
                 beta_fast=float(params.get("beta_fast") or 32),
                 beta_slow=float(params.get("beta_slow") or 1),
                 truncate=bool(params.get("truncate", True)),
-                attention_factor=float(attention))
+                attention_factor=float(attention), partial=partial)
   raise errors.ModelLoadError(f"{where}: RoPE type {kind!r} is not supported (default, linear, "
                               "llama3, yarn).")
 
 
 def _ropes(c: dict, family: str, types: set[str], head_dim: int, where: str):
-  """``(layer type, Rope)`` for each layer type present."""
+  """``(layer type, Rope)`` for each attention layer type present."""
+  types = types - {LINEAR}
   params = c.get("rope_parameters")
   if params and all(t in params for t in types):  # one per layer type
     return tuple((t, _rope(params[t] or {}, c, head_dim, where)) for t in sorted(types))
@@ -99,13 +107,17 @@ def _layer_types(c: dict, family: str, layers: int, where: str) -> tuple[str, ..
       types = [SLIDING if (i + 1) % p else FULL for i in range(layers)]
     elif family == "olmo3":
       types = [SLIDING if (i + 1) % 4 else FULL for i in range(layers)]
+    elif family in _HYBRID:
+      every = c.get("full_attention_interval", 4)
+      types = [LINEAR if (i + 1) % every else FULL for i in range(layers)]
     else:
       types = [FULL] * layers
   if family in ("qwen2", "qwen3", "qwen3_moe") and not c.get("use_sliding_window"):
     types = [FULL] * layers  # use_sliding_window=false wins over a listed pattern
-  if len(types) != layers or set(types) - {FULL, SLIDING}:
-    raise errors.ModelLoadError(f"{where}: layer_types must list {layers} of {FULL!r} / "
-                                f"{SLIDING!r}, got {types!r:.200}.")
+  kinds = {FULL, LINEAR} if family in _HYBRID else {FULL, SLIDING}
+  if len(types) != layers or set(types) - kinds:
+    raise errors.ModelLoadError(f"{where}: layer_types must list {layers} of "
+                                f"{' / '.join(map(repr, sorted(kinds)))}, got {types!r:.200}.")
   return tuple(types)
 
 
@@ -145,10 +157,26 @@ def read_config(raw: dict, where: str) -> DecoderConfig:
       moe = MoE(experts=int(experts), top_k=int(c["num_experts_per_tok"]),
                 ffn=int(c["moe_intermediate_size"]), norm_topk_prob=bool(c["norm_topk_prob"]),
                 layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0))
+    if family == "qwen3_5_moe_text":  # every layer; top-k weights always renormalised
+      moe = MoE(experts=int(experts), top_k=int(c["num_experts_per_tok"]),
+                ffn=int(c["moe_intermediate_size"]), norm_topk_prob=True,
+                layers=tuple(range(layers)),
+                shared_ffn=int(c.get("shared_expert_intermediate_size") or 0))
+    delta_net = None
+    if LINEAR in types:
+      delta_net = DeltaNet(key_heads=int(c["linear_num_key_heads"]),
+                           value_heads=int(c["linear_num_value_heads"]),
+                           key_dim=int(c["linear_key_head_dim"]),
+                           value_dim=int(c["linear_value_head_dim"]),
+                           conv=int(c.get("linear_conv_kernel_dim", 4)))
+      if delta_net.value_heads % delta_net.key_heads:
+        raise errors.ModelLoadError(f"{where}: linear_num_value_heads must be a multiple of "
+                                    "linear_num_key_heads.")
     gemma = family.startswith("gemma")
     return DecoderConfig(
         family=family, vocab_size=int(c["vocab_size"]), hidden=int(c["hidden_size"]),
-        layers=layers, ffn=int(c["intermediate_size"]), heads=heads,
+        layers=layers, ffn=int(c["intermediate_size"] if moe is None or len(moe.layers) < layers
+                               else c.get("intermediate_size") or 0), heads=heads,
         kv_heads=int(c.get("num_key_value_heads") or heads), head_dim=head_dim,
         eps=float(c.get("rms_norm_eps", 1e-6)), layer_types=types,
         rope=_ropes(c, family, set(types), head_dim, where),
@@ -156,7 +184,7 @@ def read_config(raw: dict, where: str) -> DecoderConfig:
         query_pre_attn_scalar=float(c["query_pre_attn_scalar"]) if gemma else None,
         attn_softcap=c.get("attn_logit_softcapping") if gemma else None,
         final_softcap=c.get("final_logit_softcapping") if gemma else None,
-        tie_embeddings=bool(c.get("tie_word_embeddings", gemma)), moe=moe,
+        tie_embeddings=bool(c.get("tie_word_embeddings", gemma)), moe=moe, delta_net=delta_net,
         context_length=int(c.get("max_position_embeddings", 32_768)), **switches)
   except KeyError as e:
     raise errors.ModelLoadError(f"{where}: field {e} is missing.") from None
@@ -173,41 +201,46 @@ def _same(w):
   return w
 
 
-def layer_recipes(cfg: DecoderConfig, layer: int, names: set[str], prefix: str) -> dict:
-  """How each parameter of one layer is made from the checkpoint's tensors: NNX path under
-  ``blocks.<layer>`` → (the tensor names it reads, a function of those arrays). ``names``
-  (every tensor of the checkpoint) decides between the per-expert and fused expert
-  layouts."""
-  p = f"{prefix}layers.{layer}."
-  out = {}
-
-  def one(target, name, fn=transposed):
-    out[target] = ([p + name], fn)
-
-  for n in "qkvo":
-    one(f"attn.{n}_proj", f"self_attn.{n}_proj.weight")
+def _attention_recipes(cfg: DecoderConfig, p: str) -> dict:
+  """An attention layer's parameters (under ``attn.``)."""
+  out = {f"attn.{n}_proj": ([f"{p}self_attn.{n}_proj.weight"], transposed) for n in "qkvo"}
+  if cfg.attn_gate:  # q_proj holds each head's query then its gate: [h, 2, hd, d]
+    h, hd = cfg.heads, cfg.head_dim
+    half = lambda i: lambda w: transposed(w.reshape(h, 2, hd, -1)[:, i].reshape(h * hd, -1))
+    out["attn.q_proj"] = ([p + "self_attn.q_proj.weight"], half(0))
+    out["attn.gate_proj"] = ([p + "self_attn.q_proj.weight"], half(1))
   if cfg.qkv_bias:
     for n in "qkv":
-      one(f"attn.{n}_bias", f"self_attn.{n}_proj.bias", _same)
+      out[f"attn.{n}_bias"] = ([f"{p}self_attn.{n}_proj.bias"], _same)
   if cfg.out_bias:
-    one("attn.o_bias", "self_attn.o_proj.bias", _same)
+    out["attn.o_bias"] = ([p + "self_attn.o_proj.bias"], _same)
   if cfg.qk_norm != "none":
-    one("attn.q_norm.weight", "self_attn.q_norm.weight", _same)
-    one("attn.k_norm.weight", "self_attn.k_norm.weight", _same)
-  norms = {"pre": {"input_norm": "input_layernorm", "pre_ffw_norm": "post_attention_layernorm"},
-           "post": {"post_attn_norm": "post_attention_layernorm",
-                    "post_ffw_norm": "post_feedforward_layernorm"},
-           "sandwich": {"input_norm": "input_layernorm",
-                        "post_attn_norm": "post_attention_layernorm",
-                        "pre_ffw_norm": "pre_feedforward_layernorm",
-                        "post_ffw_norm": "post_feedforward_layernorm"}}[cfg.norm]
-  for target, name in norms.items():
-    one(f"{target}.weight", f"{name}.weight", _same)
-  if cfg.moe is None or layer not in cfg.moe.layers:
-    for target, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-      one(f"mlp.{target}", f"mlp.{name}.weight")
-    return out
-  one("mlp.router", "mlp.gate.weight")
+    for n in "qk":
+      out[f"attn.{n}_norm.weight"] = ([f"{p}self_attn.{n}_norm.weight"], _same)
+  return out
+
+
+def _delta_net_recipes(cfg: DecoderConfig, p: str) -> dict:
+  """A Gated DeltaNet layer's parameters (under ``attn.``): ``in_proj_qkv`` split into
+  queries, keys and values; the convolution ``[C, 1, K]`` as ``[K, C]``."""
+  n, a = cfg.delta_net, p + "linear_attn."
+  keys = n.key_heads * n.key_dim
+  rows = {"q": slice(0, keys), "k": slice(keys, 2 * keys), "v": slice(2 * keys, None)}
+  out = {f"attn.{x}_proj": ([a + "in_proj_qkv.weight"], lambda w, r=r: transposed(w[r]))
+         for x, r in rows.items()}
+  for x in "zba":
+    out[f"attn.{x}_proj"] = ([f"{a}in_proj_{x}.weight"], transposed)
+  out["attn.o_proj"] = ([a + "out_proj.weight"], transposed)
+  out["attn.conv"] = ([a + "conv1d.weight"], lambda w: transposed(w[:, 0, :]))
+  out["attn.a_log"] = ([a + "A_log"], _same)
+  out["attn.dt_bias"] = ([a + "dt_bias"], _same)
+  out["attn.norm.weight"] = ([a + "norm.weight"], _same)
+  return out
+
+
+def _expert_recipes(cfg: DecoderConfig, p: str, names: set[str]) -> dict:
+  """A mixture of experts' parameters (under ``mlp.``), per-expert or fused tensors."""
+  out = {"mlp.router": ([p + "mlp.gate.weight"], transposed)}
   e, f = cfg.moe.experts, cfg.moe.ffn
   if p + "mlp.experts.gate_up_proj" in names:  # fused: [E, 2f, d] and [E, d, f]
     fused = [p + "mlp.experts.gate_up_proj"]
@@ -215,10 +248,40 @@ def layer_recipes(cfg: DecoderConfig, layer: int, names: set[str], prefix: str) 
     out["mlp.up"] = (fused, lambda w: np.ascontiguousarray(w[:, f:].transpose(0, 2, 1)))
     out["mlp.down"] = ([p + "mlp.experts.down_proj"],
                        lambda w: np.ascontiguousarray(w.transpose(0, 2, 1)))
-    return out
-  stack = lambda *ws: np.stack([w.T for w in ws])
+  else:
+    stack = lambda *ws: np.stack([w.T for w in ws])
+    for target, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      out[f"mlp.{target}"] = ([f"{p}mlp.experts.{j}.{name}.weight" for j in range(e)], stack)
+  if cfg.moe.shared_ffn:
+    for target, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+      out[f"mlp.shared.{target}"] = ([f"{p}mlp.shared_expert.{name}.weight"], transposed)
+    out["mlp.shared_gate"] = ([p + "mlp.shared_expert_gate.weight"], transposed)
+  return out
+
+
+_NORMS = {"pre": {"input_norm": "input_layernorm", "pre_ffw_norm": "post_attention_layernorm"},
+          "post": {"post_attn_norm": "post_attention_layernorm",
+                   "post_ffw_norm": "post_feedforward_layernorm"},
+          "sandwich": {"input_norm": "input_layernorm",
+                       "post_attn_norm": "post_attention_layernorm",
+                       "pre_ffw_norm": "pre_feedforward_layernorm",
+                       "post_ffw_norm": "post_feedforward_layernorm"}}
+
+
+def layer_recipes(cfg: DecoderConfig, layer: int, names: set[str], prefix: str) -> dict:
+  """How each parameter of one layer is made from the checkpoint's tensors: NNX path under
+  ``blocks.<layer>`` → (the tensor names it reads, a function of those arrays). ``names``
+  (every tensor of the checkpoint) decides between the per-expert and fused expert
+  layouts."""
+  p = f"{prefix}layers.{layer}."
+  linear = cfg.layer_types[layer] == LINEAR
+  out = _delta_net_recipes(cfg, p) if linear else _attention_recipes(cfg, p)
+  for target, name in _NORMS[cfg.norm].items():
+    out[f"{target}.weight"] = ([f"{p}{name}.weight"], _same)
+  if cfg.moe is not None and layer in cfg.moe.layers:
+    return {**out, **_expert_recipes(cfg, p, names)}
   for target, name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-    out[f"mlp.{target}"] = ([f"{p}mlp.experts.{j}.{name}.weight" for j in range(e)], stack)
+    out[f"mlp.{target}"] = ([f"{p}mlp.{name}.weight"], transposed)
   return out
 
 

@@ -7,7 +7,8 @@ bfloat16 through ``ml_dtypes``), straight from the file into one buffer: loading
 holds the whole model on the host. Which tensor becomes which parameter is the family's
 recipe (``calibjax.models.families``); a tensor the recipe does not know, a missing tensor
 or a wrong shape is an error naming the tensor. The language model inside a multimodal
-checkpoint is read; its vision tower is skipped, and said so.
+checkpoint is read; its vision tower and multi-token prediction head (``mtp.*``) are skipped,
+and said so.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from calibjax.models import families
 from calibjax.models.decoder import DecoderConfig
 
 _PREFIXES = ("model.", "language_model.model.", "model.language_model.")
-_SKIPPED = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
-            "model.multi_modal_projector.", "visual.", "model.visual.")
+_SKIPPED = {  # what a multimodal checkpoint holds beside its language model: not read
+    "the vision tower": ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                         "model.multi_modal_projector.", "visual.", "model.visual."),
+    "the multi-token prediction head": ("mtp.",)}
 _IGNORED = (".rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
@@ -130,8 +133,11 @@ def read_params(folder: str, cfg: DecoderConfig, shapes: dict[str, tuple[int, ..
                                 "decoder checkpoint calibjax reads.")
   recipes = families.recipes(cfg, set(where), prefix)
   used = {n for names, _ in recipes.values() for n in names}
-  skipped = sorted(n for n in where if n.startswith(_SKIPPED))
-  unknown = sorted(set(where) - used - set(skipped) - {n for n in where if n.endswith(_IGNORED)})
+  skipped = {what: sorted(n for n in where if n.startswith(starts))
+             for what, starts in _SKIPPED.items()}
+  skipped = {what: names for what, names in skipped.items() if names}
+  unknown = sorted(set(where) - used - {n for names in skipped.values() for n in names}
+                   - {n for n in where if n.endswith(_IGNORED)})
   if cfg.tie_embeddings:  # some tied checkpoints still store the copy
     unknown = [n for n in unknown if n != "lm_head.weight"]
   if unknown:
@@ -141,9 +147,9 @@ def read_params(folder: str, cfg: DecoderConfig, shapes: dict[str, tuple[int, ..
   if missing:
     raise errors.ModelLoadError(f"{folder}: {len(missing)} tensor(s) missing, e.g. "
                                 f"{missing[:5]}.")
-  if skipped:
-    print(f"calibjax: {folder}: skipped {len(skipped)} tensors of the vision tower "
-          f"({skipped[0]}, ...); only the language model is read.", file=sys.stderr)
+  for what, names in skipped.items():
+    print(f"calibjax: {folder}: skipped {len(names)} tensors of {what} ({names[0]}, ...); "
+          "only the language model is read.", file=sys.stderr)
   for target, (names, fn) in recipes.items():
     value = fn(*(where[n].read(n) for n in names))
     if value.shape != tuple(shapes[target]):

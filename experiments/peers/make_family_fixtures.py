@@ -23,6 +23,7 @@ biases at 0, which hides mapping bugs). Options:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -37,11 +38,20 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT, COLUMNS, VOCAB, TOKENIZER = 304, 32, 320, 300
+TINY_VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                   temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=32,
+                   num_position_embeddings=16)
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1,
              pad_token_id=2)
 
+HYBRID = dict(num_hidden_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
+              linear_key_head_dim=8, linear_value_head_dim=12, linear_conv_kernel_dim=4,
+              rope_parameters=dict(rope_type="default", rope_theta=10_000.0,
+                                   partial_rotary_factor=0.25))
+EXPERTS = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=24,
+               shared_expert_intermediate_size=40, tie_word_embeddings=False)
 VARIANTS = {
     # name: (model_type, config overrides, how it is stored)
     "llama3": ("llama", dict(rope_parameters=dict(
@@ -79,6 +89,14 @@ VARIANTS = {
                                                               rope_theta=1_000_000.0),
                                        "sliding_attention": dict(rope_type="default",
                                                                  rope_theta=10_000.0)}), {}),
+    # Qwen3.5 hybrids: 3 Gated DeltaNet layers + 1 gated attention layer (partial RoPE);
+    # query/key and value heads of different counts and widths
+    "qwen35": ("qwen3_5_text", dict(HYBRID, intermediate_size=64, tie_word_embeddings=True), {}),
+    "qwen35_moe": ("qwen3_5_moe_text", dict(HYBRID, **EXPERTS), {}),
+    # the multimodal checkpoint: language model under model.language_model, a vision tower,
+    # fused experts (as Qwen3.5 ships them), bfloat16, multi-token-prediction tensors
+    "qwen35_moe_vl": ("qwen3_5_moe", dict(HYBRID, **EXPERTS),
+                      dict(multimodal=True, experts="fused", dtype="bfloat16", mtp=True)),
 }
 
 
@@ -110,15 +128,19 @@ def tokenizer(bos: bool):
 
 
 def rerandomise(model, model_type: str, seed: int) -> None:
-  """Every tensor drawn afresh: norms around their identity (1, or 0 for Gemma's 1 + w),
-  biases small, matrices scaled by their fan-in, embeddings of unit scale."""
+  """Every tensor drawn afresh: norms around their identity (1, or 0 for Gemma's and
+  Qwen3.5's 1 + w; Qwen3.5's DeltaNet norm is w), biases small, matrices scaled by their
+  fan-in, embeddings of unit scale, DeltaNet decay rates ``e^A`` around 0.05 (a memory of
+  some 30 tokens, across chunk boundaries)."""
   g = torch.Generator().manual_seed(seed)
-  plus_one = model_type.startswith("gemma")
+  plus_one = model_type.startswith(("gemma", "qwen3_5"))
   with torch.no_grad():
     for name, p in model.named_parameters():
       n = torch.randn(p.shape, generator=g, dtype=torch.float64)
-      if "norm" in name:
-        value = 0.2 * n if plus_one else 1 + 0.2 * n
+      if name.endswith("A_log"):
+        value = -3 + 0.5 * n
+      elif "norm" in name:
+        value = 0.2 * n if plus_one and "linear_attn.norm" not in name else 1 + 0.2 * n
       elif name.endswith("bias"):
         value = 0.1 * n
       elif "embed_tokens" in name or "lm_head" in name:
@@ -131,10 +153,17 @@ def rerandomise(model, model_type: str, seed: int) -> None:
 def build(name: str, out: str) -> None:
   from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
   model_type, overrides, store = VARIANTS[name]
-  cfg = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
   torch.manual_seed(0)
-  model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
-                                           experts_implementation="eager").eval()
+  if store.get("multimodal"):
+    from transformers import AutoModelForImageTextToText
+    cfg = AutoConfig.for_model(model_type, text_config={**SMALL, **overrides},
+                               vision_config=TINY_VISION, tie_word_embeddings=False)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32,
+                                                    experts_implementation="eager").eval()
+  else:
+    cfg = AutoConfig.for_model(model_type, **{**SMALL, **overrides})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32,
+                                             experts_implementation="eager").eval()
   rerandomise(model, model_type, seed=sum(map(ord, name)))
   dtype = store.get("dtype", "float32")
   if dtype != "float32":  # the reference runs the stored (rounded) weights
@@ -183,6 +212,10 @@ def rewrite_weights(folder: str, dtype: str, store: dict) -> None:
       tensors[p + "experts.gate_up_proj"] = torch.stack(
           [torch.cat([g, u]) for g, u in zip(gate, up)])  # [E, 2f, d], gate rows first
       tensors[p + "experts.down_proj"] = torch.stack(down)  # [E, d, f]
+  if store.get("mtp"):  # as Qwen3.5 checkpoints hold them (transformers does not build them)
+    hidden = tensors["lm_head.weight"].shape[1]
+    tensors["mtp.fc.weight"] = torch.randn(hidden, 2 * hidden)
+    tensors["mtp.norm.weight"] = torch.randn(hidden)
   tensors = {k: v.to(getattr(torch, dtype)).contiguous() for k, v in tensors.items()}
   shards = store.get("shards", 1)
   if shards == 1:
@@ -199,6 +232,45 @@ def rewrite_weights(folder: str, dtype: str, store: dict) -> None:
     json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
 
+def delta_rule_recurrence(query, key, value, g, beta, initial_state=None,
+                          output_final_state=False, use_qk_l2norm_in_kernel=False, **_):
+  """The gated delta rule token by token in the inputs' dtype (``transformers``' own
+  implementations compute it in float32 whatever the model's dtype)."""
+  heads = value.shape[2]
+  query, key = (x.repeat_interleave(heads // x.shape[2], dim=2) for x in (query, key))
+  if use_qk_l2norm_in_kernel:
+    query, key = (x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6) for x in (query, key))
+  query = query / query.shape[-1] ** 0.5
+  b, t, _, dk = key.shape
+  state = torch.zeros(b, heads, dk, value.shape[-1], dtype=value.dtype)
+  if initial_state is not None:
+    state = initial_state.to(value.dtype)
+  out = torch.zeros_like(value)
+  for i in range(t):
+    state = state * g[:, i].exp()[..., None, None]
+    delta = (value[:, i] - (state * key[:, i, :, :, None]).sum(-2)) * beta[:, i, :, None]
+    state = state + key[:, i, :, :, None] * delta[:, :, None, :]
+    out[:, i] = (state * query[:, i, :, :, None]).sum(-2)
+  return out, state if output_final_state else None
+
+
+@contextlib.contextmanager
+def delta_rule_in(dtype):
+  """Within: Qwen3.5's gated delta rule in float64 when ``dtype`` is (else unchanged)."""
+  from transformers.models.qwen3_5 import modeling_qwen3_5
+  from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
+  names = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+  saved = [(m, n, getattr(m, n)) for m in (modeling_qwen3_5, modeling_qwen3_5_moe) for n in names]
+  if dtype == torch.float64:
+    for m, n, _ in saved:
+      setattr(m, n, delta_rule_recurrence)
+  try:
+    yield
+  finally:
+    for m, n, f in saved:
+      setattr(m, n, f)
+
+
 def reference(model, folder: str) -> None:
   """``reference.npz``: prompt ids, the chosen columns, float32 and float64 log-probs."""
   rng = np.random.default_rng(len(folder))
@@ -207,7 +279,7 @@ def reference(model, folder: str) -> None:
   out = {"ids": ids, "columns": columns}
   for dtype in (torch.float32, torch.float64):
     m = model.to(dtype)
-    with torch.no_grad():
+    with torch.no_grad(), delta_rule_in(dtype):
       logits = m(torch.as_tensor(ids)).logits[0].to(torch.float64)
     logp = torch.log_softmax(logits, -1).numpy()
     nxt = np.append(ids[0, 1:], 0)

@@ -77,13 +77,13 @@ def test_extend_continues_a_shared_prefix_and_leaves_it_unchanged(lm):
   mask = np.zeros((3, 4), bool)
   for i, p in enumerate(paths):
     ids[i, :len(p)], mask[i, :len(p)] = p, True
-  before = np.asarray(cache.k[0])
+  before = np.asarray(cache.layers[0][0])
   for _ in range(2):  # the prefix cache is reusable
     logits, hidden = lm.extend(cache, ids, mask)
     for i, p in enumerate(paths):
       want = np.asarray(lm.logits(np.concatenate([prompt, p])[None]))[0, -1]
       np.testing.assert_allclose(np.asarray(logits[i]), want, atol=2e-5, err_msg=f"row {i}")
-  np.testing.assert_array_equal(np.asarray(cache.k[0]), before)
+  np.testing.assert_array_equal(np.asarray(cache.layers[0][0]), before)
   assert hidden.shape == (3, tiny.CONFIG.hidden)
   with pytest.raises(errors.InputError, match="free cache slots"):
     lm.extend(cache, np.ones((1, 9), np.int64))

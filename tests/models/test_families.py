@@ -35,9 +35,10 @@ def log_probs(lm, ids):
 
 
 def test_every_family_and_variant_is_here():
-  kinds = {json.load(open(os.path.join(DATA, v, "config.json")))["model_type"] for v in VARIANTS}
+  kinds = {families.read_config(json.load(open(os.path.join(DATA, v, "config.json"))), v).family
+           for v in VARIANTS}
   assert kinds == set(families.FAMILIES)
-  assert len(VARIANTS) == 11
+  assert len(VARIANTS) == 14
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -59,7 +60,7 @@ def test_log_probs_equal_the_reference_at_every_position(name, cache):
       "Randomly name a state")
 
 
-@pytest.mark.parametrize("name", ["llama3", "olmo3", "qwen3_moe", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "olmo3", "qwen3_moe", "gemma2", "qwen35_moe"])
 def test_cached_decoding_equals_the_full_forward(name, cache):
   lm = load(name, cache)
   ids = np.load(os.path.join(DATA, name, "reference.npz"))["ids"][:, :40]
@@ -72,7 +73,37 @@ def test_cached_decoding_equals_the_full_forward(name, cache):
     np.testing.assert_allclose(np.asarray(logits), want[:, t], atol=5e-5)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe"])  # experts, q/k norm, untied output
+def test_hybrid_state_survives_chunks_padding_and_decoding(cache):
+  """Qwen3.5: two rows of 300 and 250 prompt tokens prefilled together (padded to a bucket of
+  512: eight chunks, the shorter row right-padded), then four decoding steps each: every
+  step's logits are those of each row's own unpadded full forward. Extending the 300-token
+  prompt by several continuations at once gives them too."""
+  lm = load("qwen35", cache)
+  ids = np.load(os.path.join(DATA, "qwen35", "reference.npz"))["ids"][0]
+  rows = [ids[:304], np.concatenate([ids[50:300], ids[:4]])]
+  want = [np.asarray(lm.logits(r[None]))[0] for r in rows]
+  lengths = (300, 250)
+  prompt = np.zeros((2, 300), np.int64)
+  mask = np.zeros((2, 300), bool)
+  for i, n in enumerate(lengths):
+    prompt[i, :n], mask[i, :n] = rows[i][:n], True
+  logits, _, kv = lm.prefill(prompt, mask, max_new_tokens=4)
+  for i, n in enumerate(lengths):
+    np.testing.assert_allclose(np.asarray(logits)[i], want[i][n - 1], atol=5e-5)
+  for step in range(4):
+    logits, _, kv = lm.decode(kv, [rows[i][n + step] for i, n in enumerate(lengths)])
+    for i, n in enumerate(lengths):
+      np.testing.assert_allclose(np.asarray(logits)[i], want[i][n + step], atol=5e-5)
+  _, _, prefix = lm.prefill(ids[None, :300], max_new_tokens=8)
+  tails = np.array([[ids[300], ids[301], ids[302]], [ids[300], 0, 0], [7, 9, 0]])
+  ext, _ = lm.extend(prefix, tails, tails > 0)
+  for tail, got in zip(tails, np.asarray(ext)):
+    tail = tail[tail > 0]
+    full = np.asarray(lm.logits(np.concatenate([ids[:300], tail])[None]))[0, -1]
+    np.testing.assert_allclose(got, full, atol=5e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "qwen35_moe"])  # experts, q/k norm, untied
 def test_on_a_mesh_equals_one_device(name, cache, tmp_path):
   """``--mesh=data:2,model:4`` on the 8 CPU devices: the single-device numbers."""
   import jax
@@ -131,8 +162,8 @@ def test_broken_checkpoints_are_errors_that_name_the_tensor(tmp_path):
 def test_unsupported_architectures_and_files(tmp_path):
   folder = copy("qwen3", tmp_path)
   config = json.loads((folder / "config.json").read_text())
-  (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_5_moe"}))
-  with pytest.raises(errors.ModelLoadError, match="unsupported architecture.*'qwen3_5_moe'"):
+  (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_next"}))
+  with pytest.raises(errors.ModelLoadError, match="unsupported architecture.*'qwen3_next'"):
     models.load(str(folder), cache_dir=str(tmp_path / "c"), progress=False)
   rope = {**config, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}
   (folder / "config.json").write_text(json.dumps(rope))

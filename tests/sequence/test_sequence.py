@@ -178,16 +178,18 @@ def test_wilson_interval_hand_values():
   assert tuple(sequence.wilson(0, 20, 0.95)) == pytest.approx((0.0, 0.1611), abs=1e-4)
 
 
-def test_exact_equals_brute_force_on_a_byte_level_family(tmp_path):
-  """The same on a tiny random Qwen3 checkpoint (``tests/data/families``): byte-level BPE
-  tokens, a padded vocabulary (320 rows, 300 tokens), no BOS."""
+@pytest.mark.parametrize("name", ["qwen3", "qwen35_moe"])
+def test_exact_equals_brute_force_on_a_byte_level_family(name, tmp_path):
+  """The same on tiny random checkpoints (``tests/data/families``): byte-level BPE tokens, a
+  padded vocabulary (320 rows, 300 tokens), no BOS; Qwen3, and the Qwen3.5 hybrid (every
+  node extends the prompt's recurrent states)."""
   import os
   from calibjax import models
   from tests.helpers import ROOT
-  lm = models.load(os.path.join(ROOT, "tests", "data", "families", "qwen3"),
+  lm = models.load(os.path.join(ROOT, "tests", "data", "families", name),
                    cache_dir=str(tmp_path), progress=False)
-  embed = lm._state["embed"]  # moderate logits (as small_lm): the answers get real mass
-  embed.set_value(embed.get_value() * 0.1)
+  out = lm._state["embed" if lm.config.tie_embeddings else "lm_head"]
+  out.set_value(out.get_value() * 0.1)  # moderate logits (as small_lm): answers get real mass
   task = tasks.from_dict({"name": "states", "description": "", "prompts": ["Answer:"],
                           "answers": ["Ohio", "Texas", "Utah"], "terminators": ["\n", "."]})
   samplers = ["t=1", "top_k=40", "min_p=0.5,t=1.5"]
