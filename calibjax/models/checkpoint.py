@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from typing import Callable
@@ -22,15 +23,22 @@ import jax
 from calibjax import errors
 
 _MARKER = "COMPLETE"
-# Orbax stages at most this many GB of tensors in host memory at once while saving or
-# restoring (its default, 96, stages a whole 8B model: a second copy on the host)
-_STAGING_GB = 1
 
 
-def _checkpointer():
+def staging_gb(state) -> int:
+  """How many GB of tensors Orbax may stage in host memory at once while saving or restoring
+  ``state``: 1, or the largest tensor rounded up (Orbax refuses a tensor larger than its
+  budget; its default, 96, would stage a whole 8B model: a second copy on the host)."""
+  largest = max((math.prod(a.shape) * jax.numpy.dtype(a.dtype).itemsize
+                 for a in jax.tree.leaves(state)), default=0)
+  return max(1, math.ceil(largest / 1e9))
+
+
+def _checkpointer(state):
   import orbax.checkpoint as ocp
-  return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=_STAGING_GB,
-                                                        restore_concurrent_gb=_STAGING_GB))
+  gb = staging_gb(state)
+  return ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=gb,
+                                                        restore_concurrent_gb=gb))
 
 
 def _sha(data: bytes) -> str:
@@ -58,7 +66,7 @@ def save(folder: str, state, files: dict[str, bytes]) -> None:
   if os.path.exists(folder):
     shutil.rmtree(folder)
   os.makedirs(folder)
-  with _checkpointer() as ckpt:
+  with _checkpointer(state) as ckpt:
     ckpt.save(os.path.join(os.path.abspath(folder), "state"),
               args=ocp.args.StandardSave(state))
   for name, data in files.items():
@@ -133,7 +141,7 @@ def load(folder: str, abstract_state: Callable[[dict[str, bytes]], object]
       lambda a: a if _placed(getattr(a, "sharding", None)) else
       jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here), abstract_state)
   try:
-    with _checkpointer() as ckpt:
+    with _checkpointer(abstract_state) as ckpt:
       state = ckpt.restore(os.path.join(os.path.abspath(folder), "state"),
                            args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # Orbax/TensorStore raise many kinds for damaged data

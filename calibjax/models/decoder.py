@@ -1,8 +1,8 @@
 """One configurable decoder-only transformer in Flax NNX, with a static-shape KV cache.
 
 The families calibjax reads (Llama 3, Mistral, Qwen 2.5 / 3 and Qwen3-MoE, Olmo 2 / 3,
-Gemma 2 / 3; ``calibjax.models.families`` configures each from its checkpoint) differ only
-in the switches of :class:`DecoderConfig`:
+Gemma 2 / 3, the Qwen3.5 hybrids; ``calibjax.models.families`` configures each from its
+checkpoint) differ only in the switches of :class:`DecoderConfig`:
 
 - norms: RMSNorm in float32, weight applied as ``w`` or ``1 + w`` (Gemma); placed before
   attention and MLP (``"pre"``: Llama, Mistral, Qwen), on their outputs only (``"post"``:
@@ -13,16 +13,19 @@ in the switches of :class:`DecoderConfig`:
   optionally soft-capped (Gemma 2: ``c · tanh(s / c)``, the final logits too);
 - per layer: full or sliding-window attention (a query sees keys less than ``sliding_window``
   positions back), each layer type with its own rotary embedding (:class:`Rope`: default,
-  ``linear``, ``llama3``, ``yarn``; rotate-half convention);
+  ``linear``, ``llama3``, ``yarn``; rotate-half convention; on all of each head or on its
+  first part), or a Gated DeltaNet linear-attention layer (:class:`GatedDeltaNet`, Qwen3.5);
+  attention output optionally gated per head (``attn_gate``, Qwen3.5);
 - feed-forward: gated MLP (SiLU or tanh-GELU) or a routed mixture of experts (softmax router,
-  top-k, optional renormalisation) computed on the chosen experts only, by grouped matrix
-  products (``jax.lax.ragged_dot``);
+  top-k, optional renormalisation, optional sigmoid-gated shared expert) computed on the
+  chosen experts only, by grouped matrix products (``jax.lax.ragged_dot``);
 - embeddings scaled by ``sqrt(d)`` (Gemma); output projection tied to the embedding or not.
 
 One code path serves the full forward and cached decoding: a call writes its tokens into the
 cache at ``cache.index`` and attends over the whole (static) cache, masking by the stored
-positions. Positions count real tokens only (``cumsum(mask) − 1``), so left and right padding
-both give each sequence exactly its unpadded result.
+positions; a Gated DeltaNet layer continues from its cached recurrent state. Positions count
+real tokens only (``cumsum(mask) − 1``), so left and right padding both give each sequence
+exactly its unpadded result.
 """
 
 from __future__ import annotations

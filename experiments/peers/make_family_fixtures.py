@@ -9,16 +9,18 @@ alone, no hub) and their reference log-probabilities: the fixtures of
 For each variant: ``<out>/<variant>/`` holds ``config.json``, the safetensors weights,
 ``tokenizer.json`` (a byte-level BPE trained here on the built-in tasks' texts),
 ``tokenizer_config.json``, ``generation_config.json`` and ``reference.npz``: the prompt ids
-``[1, 304]`` (longer than every sliding window and past every scaled-RoPE range) and the
-log-probabilities at every position of ``COLUMNS`` fixed token ids plus each position's next
+``[1, 304]`` (longer than every sliding window, every scaled-RoPE range and four of the
+Gated DeltaNet's 64-token chunks) and the log-probabilities at every position of ``COLUMNS`` fixed token ids plus each position's next
 token, from the float32 run (``float32``) and the float64 run (``float64``) of the same
-weights. Every tensor is re-randomised before saving (default init leaves norms at 1 and
-biases at 0, which hides mapping bugs). Options:
+weights (the Qwen3.5 float64 run computes its gated delta rule in float64 too, token by
+token: ``transformers`` casts it to float32). Every tensor is re-randomised before saving
+(default init leaves norms at 1 and biases at 0, which hides mapping bugs). Options:
 
   --only NAME[,NAME]   build these variants only
   --shape=qwen3-0.6b   instead: one random Qwen3-0.6B-shaped bfloat16 checkpoint (not a
                        fixture; for the model benchmark and the memory measurement);
-                       --shape=qwen3-1.7b the same at the next size
+                       --shape=qwen3-1.7b the same at the next size; --shape=qwen3.5-0.8b a
+                       Qwen3.5 hybrid of about 0.8B parameters (dimensions assumed, SHAPES)
 """
 
 from __future__ import annotations
@@ -289,21 +291,30 @@ def reference(model, folder: str) -> None:
   np.savez(os.path.join(folder, "reference.npz"), **out)
 
 
-SHAPES = {"qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072),
-          "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144)}
+_QWEN3 = dict(vocab_size=151_936, num_hidden_layers=28, num_attention_heads=16,
+              num_key_value_heads=8, head_dim=128, max_position_embeddings=40_960,
+              rope_theta=1_000_000.0)
+_QWEN35 = dict(vocab_size=248_320, num_hidden_layers=24, num_attention_heads=8,
+               num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+               linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+               max_position_embeddings=262_144,
+               rope_parameters=dict(rope_type="default", rope_theta=10_000_000.0,
+                                    partial_rotary_factor=0.25))
+SHAPES = {  # name: (model_type, config); the Qwen3.5 one is assumed (no hub to read the real)
+    "qwen3-0.6b": ("qwen3", dict(_QWEN3, hidden_size=1024, intermediate_size=3072)),
+    "qwen3-1.7b": ("qwen3", dict(_QWEN3, hidden_size=2048, intermediate_size=6144)),
+    "qwen3.5-0.8b": ("qwen3_5_text", dict(_QWEN35, hidden_size=1024, intermediate_size=3584)),
+}
 
 
-def qwen3_shape(out: str, shape: str) -> None:
-  """A random Qwen3-shaped bfloat16 checkpoint (28 layers, 151,936 tokens, tied; the width of
-  ``SHAPES[shape]``)."""
+def shaped(out: str, shape: str) -> None:
+  """A random bfloat16 checkpoint of ``SHAPES[shape]`` (tied embeddings)."""
   from transformers import AutoConfig, AutoModelForCausalLM
-  cfg = AutoConfig.for_model("qwen3", vocab_size=151_936, num_hidden_layers=28,
-                             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=40_960, rope_theta=1_000_000.0,
-                             tie_word_embeddings=True, rms_norm_eps=1e-6, eos_token_id=1,
-                             bos_token_id=0, **SHAPES[shape])
+  model_type, config = SHAPES[shape]
+  cfg = AutoConfig.for_model(model_type, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                             eos_token_id=1, bos_token_id=0, **config)
   model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
-  rerandomise(model, "qwen3", seed=0)
+  rerandomise(model, model_type, seed=0)
   model.save_pretrained(out, safe_serialization=True)
   tokenizer(False).save(os.path.join(out, "tokenizer.json"))
   with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
@@ -317,7 +328,7 @@ def main(argv):
   if not args:
     raise SystemExit(__doc__)
   if "shape" in opts:
-    return qwen3_shape(args[0], opts["shape"])
+    return shaped(args[0], opts["shape"])
   names = opts["only"].split(",") if "only" in opts else list(VARIANTS)
   for name in names:
     build(name, args[0])

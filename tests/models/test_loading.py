@@ -136,3 +136,15 @@ def test_checkpoint_round_trip_and_checksums(tmp_path):
 def jax_leaves(tree):
   import jax
   return jax.tree.leaves(tree)
+
+
+def test_orbax_staging_holds_the_largest_tensor():
+  """Orbax refuses a tensor larger than its staging budget: a 248,320 × 1,024 float32
+  embedding (1.02 GB, Qwen3.5's vocabulary) needs 2 GB, Llama 3 8B's in float32 3 GB."""
+  import jax
+  import jax.numpy as jnp
+  tree = lambda *shapes: [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  assert checkpoint.staging_gb(tree((10, 10))) == 1
+  assert checkpoint.staging_gb(tree((248_320, 1_024), (1_024,))) == 2
+  assert checkpoint.staging_gb(tree((128_256, 4_096))) == 3
+  assert checkpoint.staging_gb([jax.ShapeDtypeStruct((128_256, 4_096), jnp.bfloat16)]) == 2
