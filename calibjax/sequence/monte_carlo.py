@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calibjax import errors
-from calibjax.core import truncation
+from calibjax.core import sampling, truncation
 from calibjax.core.rules import ORACLES
 from calibjax.models import prompts
 from calibjax.models.language_model import bucket
@@ -93,10 +93,10 @@ class Classifier:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "cap"))
+@functools.partial(jax.jit, static_argnames=("spec", "cap"))
 def _next_tokens(key, z, m, spec, cap):
   keep = truncation.truncate_chain(z, spec, valid_mask=m, max_valid=cap).keep
-  return jax.random.categorical(key, jnp.where(keep, z / spec.temperature, -jnp.inf), axis=-1,
-                                mode="high")
+  return sampling.categorical(key, jnp.where(keep, z / spec.temperature, -jnp.inf))
 
 
 def draw(lm, tree: Tree, spec: truncation.Sampler, prompt_ids, n: int, key, *,
@@ -164,8 +164,8 @@ def sample(lm, task: Task, sampler, n: int, key, *, max_new_tokens: int = 16,
            head=None, cache_dir: str | None = None, progress: bool = True) -> MonteCarloResult:
   """``n`` answers generated with ``sampler`` (explicit ``key``), classified against the task.
 
-  Sampling is tail-faithful: ``jax.random.categorical`` in its high-dynamic-range mode over
-  the truncated, temperature-scaled logits (SPEC §7); see :func:`draw`. ``head``: as in
+  Sampling is tail-faithful: :func:`calibjax.core.sampling.categorical` (two high-dynamic-range
+  Gumbel-max stages) over the truncated, temperature-scaled logits (SPEC §7); see :func:`draw`. ``head``: as in
   :func:`calibjax.sequence.exact`; ``prompt``: as there. The same key gives the same samples.
   """
   spec = as_samplers([sampler])[0]

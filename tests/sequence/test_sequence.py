@@ -156,12 +156,14 @@ def test_monte_carlo_agrees_with_exact(lm, sampler):
                                                        "no_terminator"}
   assert mc.coverage == np.count_nonzero(mc.counts) / len(TASK.answers)
   # coverage@10: the mean over 300 disjoint groups of 10 samples of (distinct answers / |A|)
-  # against the exact expectation, within 4 standard errors
+  # against the exact expectation, within 4 standard errors (the spread at least that of one
+  # group differing by one answer: all 300 groups can be alike when one count dominates)
   groups = mc.answer.reshape(300, 10)
   cov = np.array([len(set(g[g >= 0].tolist())) / len(TASK.answers) for g in groups])
   exact10 = sequence.exact(lm, TASK, [sampler], bound=0.0, coverage_n=(10,),
                            progress=False).samplers[0].coverage[10]
-  assert abs(cov.mean() - exact10) <= 4 * cov.std() / np.sqrt(300) + 1e-6, (cov.mean(), exact10)
+  spread = max(cov.std(), 1 / len(TASK.answers) / np.sqrt(300))
+  assert abs(cov.mean() - exact10) <= 4 * spread / np.sqrt(300), (cov.mean(), exact10)
   lo, hi = mc.seq_validity_ci  # exact values carry float32 rounding (~1e-7)
   assert lo - 1e-6 <= exact.seq_validity <= hi + 1e-6, (exact.seq_validity, mc.seq_validity_ci)
   for a, (p, (lo, hi)) in enumerate(zip(exact.answer_probs, mc.answer_ci)):
