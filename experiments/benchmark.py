@@ -23,9 +23,14 @@ Expected output: tables of times (ms) and ratios, and two files:
   add, in fresh processes, and its ratio to the weight files' size (a folder loaded in
   bfloat16);
 - ``sequence.json`` (section ``sequence``): US states on ``--model``, exact
-  enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time,
-  nodes, bound reached) against 1,000 Monte Carlo answers of one sampler:
-  ``mc1000_one_sampler_over_exact_64_samplers``;
+  enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time cold and
+  compiled, nodes, bound reached, time by stage: model, sampler probabilities, validity
+  index, host) against 1,000 Monte Carlo answers of one sampler:
+  ``exact_over_forward_floor`` (nodes/s over ``extend`` alone on the same node batches),
+  ``mc_over_decode_floor`` (sampled tokens/s over greedy decoding at the same batch),
+  ``mc1000_one_sampler_over_exact_64_samplers``. ``--model=random:<folder>`` (what
+  ``experiments/device/prepare.py`` writes): the packaged model's shapes with random weights,
+  for a device machine, where the 250 MB file cannot travel;
 - ``calibjax_kernels.json`` (section ``kernels``, not run by default; for an accelerator:
   ``python -m experiments.benchmark --sections=kernels``): per dtype (float32, bfloat16) at
   ``--kernel_shape`` (256 × 262,144) the copy bandwidth and, per kernel, ``read_once_ms``
@@ -103,7 +108,10 @@ def main(argv):
   if "sequence" in _SECTIONS.value:
     report = benchmarking.run_sequence_benchmark(benchmarking.SequenceBenchmarkConfig(
         model=_MODEL.value, seed=_SEED.value))
-    keys = ("exact_s", "nodes_expanded", "mc_s", "mc1000_one_sampler_over_exact_64_samplers")
+    keys = ("exact_cold_s", "exact_s", "nodes_expanded", "exact_nodes_per_s",
+            "forward_floor_nodes_per_s", "exact_over_forward_floor", "mc_s", "mc_tokens_per_s",
+            "decode_floor_tokens_per_s", "mc_over_decode_floor",
+            "mc1000_one_sampler_over_exact_64_samplers")
     _write("sequence.json", report, "\n".join(f"{k:42s} {report[k]:.2f}" for k in keys))
   if "kernels" in _SECTIONS.value:
     report = benchmarking.run_kernel_benchmark(benchmarking.KernelBenchmarkConfig(

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import tempfile
 import time
 from typing import Callable
 
@@ -487,10 +489,11 @@ SEQUENCE_TARGETS = {"exact_over_forward_floor": (">=", 0.5), "mc_over_decode_flo
 
 def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) -> dict:
   """Exact enumeration for 64 samplers and ``mc_samples`` Monte Carlo answers of one sampler
-  on ``cfg.model`` (loaded beforehand, compilation included in both), each against its
-  floor: the exact engine's nodes per second over ``extend`` alone on the same node batches,
-  Monte Carlo's sampled tokens per second over greedy decoding at the same batch size; and
-  the exact engine's time by stage (:class:`_Stages`)."""
+  on ``cfg.model`` (loaded beforehand), each against its floor: the exact engine's nodes per
+  second (its second run, compiled; the first is ``exact_cold_s``) over ``extend`` alone on
+  the same node batches, Monte Carlo's sampled tokens per second (compilation included) over
+  greedy decoding at the same batch size (compiled); the exact engine's time by stage
+  (:class:`_Stages`); and ``mc1000_one_sampler_over_exact_64_samplers``, both runs cold."""
   from calibjax import sequence, tasks
   from calibjax.models import prompts
   from calibjax.sequence import monte_carlo
@@ -499,14 +502,21 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   samplers = sequence_samplers()
   log(f"exact enumeration, {len(samplers)} samplers")
   random = cfg.model.startswith(RANDOM)  # a fixed workload: the tree's masses are not real
-  stages = _Stages(lm)
-  start = time.perf_counter()
-  try:
-    res = sequence.exact(lm, task, samplers, bound=0.0 if random else cfg.bound,
-                         batch_size=cfg.batch_size, max_nodes=448 if random else 50_000)
-  finally:
-    stages.close()
-  exact_s = time.perf_counter() - start
+  index_cache = tempfile.mkdtemp(prefix="calibjax-validity-")  # as the binaries keep it
+
+  def run_exact():
+    stages = _Stages(lm)
+    start = time.perf_counter()
+    try:
+      res = sequence.exact(lm, task, samplers, bound=0.0 if random else cfg.bound,
+                           batch_size=cfg.batch_size, max_nodes=448 if random else 50_000,
+                           cache_dir=index_cache)
+    finally:
+      stages.close()
+    return res, time.perf_counter() - start, stages
+  _, cold_s, _ = run_exact()  # compilation included
+  log("exact enumeration again, compiled")
+  res, exact_s, stages = run_exact()
   log(f"forward floor: {len(stages.calls)} extend calls replayed")
   prompt = prompts.resolve(lm, task, None)
   _, _, cache = lm.prefill(np.asarray([list(prompt.ids)[:-1]]), max_new_tokens=25)
@@ -527,6 +537,7 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   finally:
     monte_carlo._next_tokens = original
   mc_s = time.perf_counter() - start
+  shutil.rmtree(index_cache, ignore_errors=True)
   log("decode floor: greedy decoding at Monte Carlo's batch")
   decode_tokens_per_s = _decode_floor(lm, list(prompt.ids), min(cfg.mc_samples, 256),
                                       cfg.mc_max_new_tokens)
@@ -536,7 +547,7 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   report = {
       "environment": environment(), "config": dataclasses.asdict(cfg),
       "model_used": getattr(lm, "benchmark_note", cfg.model),
-      "exact_s": exact_s, "nodes_expanded": res.nodes_expanded,
+      "exact_cold_s": cold_s, "exact_s": exact_s, "nodes_expanded": res.nodes_expanded,
       "bound_reached": res.bound_reached,
       "max_unexplored_mass": max(r.unexplored_mass for r in res.samplers),
       "exact_stages_s": breakdown,
@@ -551,7 +562,7 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   report["exact_over_forward_floor"] = (report["exact_nodes_per_s"]
                                         / report["forward_floor_nodes_per_s"])
   report["mc_over_decode_floor"] = report["mc_tokens_per_s"] / decode_tokens_per_s
-  report["mc1000_one_sampler_over_exact_64_samplers"] = mc_s / exact_s
+  report["mc1000_one_sampler_over_exact_64_samplers"] = mc_s / cold_s  # both compile
   report["targets_met"] = {f"{k}{op}{v:g}": (report[k] >= v) for k, (op, v) in
                            SEQUENCE_TARGETS.items()}
   return report
