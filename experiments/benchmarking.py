@@ -409,7 +409,8 @@ def load_benchmark_model(name: str):
   model = models.Decoder(cfg, nnx.Rngs(0))
   # random weights give logits of std ~25: one token takes all the mass. The final norm is
   # scaled so that they have std 3, about a trained model's
-  probe = jax.numpy.asarray([[tokenizer.bos_id, 1000, 2000, 3000]])
+  v = cfg.vocab_size
+  probe = jax.numpy.asarray([[tokenizer.bos_id, v // 4, v // 2, 3 * v // 4]])
   z = models.LanguageModel(model, tokenizer, name).logits(probe)[0, -1]
   factor = 3.0 / float(jnp.std(z))
   w = model.final_norm.weight
@@ -496,7 +497,6 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   (:class:`_Stages`); and ``mc1000_one_sampler_over_exact_64_samplers``, both runs cold."""
   from calibjax import sequence, tasks
   from calibjax.models import prompts
-  from calibjax.sequence import monte_carlo
   lm = load_benchmark_model(cfg.model)
   task = tasks.load(cfg.task)
   samplers = sequence_samplers()
@@ -523,19 +523,21 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   floor_s = _forward_floor_s(lm, stages.calls, cache)
   nodes = sum(int(np.asarray(mask).any(axis=1).sum()) for _, mask in stages.calls)
   log(f"Monte Carlo, {cfg.mc_samples} samples of {cfg.mc_sampler}")
-  drawn = [0]
-  original = monte_carlo._next_tokens
+  # every batch draws a token per sample at each step and decodes between steps: the tokens
+  # drawn are the samples plus the rows of every decoding call
+  drawn = [cfg.mc_samples]
+  decode = lm.decode
 
-  def counted(key, logits, *args):
-    drawn[0] += logits.shape[0]
-    return original(key, logits, *args)
-  monte_carlo._next_tokens = counted
+  def counted(cache, tokens):
+    drawn[0] += len(tokens)
+    return decode(cache, tokens)
+  lm.decode = counted
   start = time.perf_counter()
   try:
     mc = sequence.sample(lm, task, cfg.mc_sampler, cfg.mc_samples, jax.random.key(cfg.seed),
                          max_new_tokens=cfg.mc_max_new_tokens)
   finally:
-    monte_carlo._next_tokens = original
+    del lm.decode
   mc_s = time.perf_counter() - start
   shutil.rmtree(index_cache, ignore_errors=True)
   log("decode floor: greedy decoding at Monte Carlo's batch")

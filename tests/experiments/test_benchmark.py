@@ -80,3 +80,28 @@ def test_kernel_report_xla_path_computes_the_kernels_numbers():
   for got, want in zip(xla, ref):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want, np.float32), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.slow  # the benchmark harness only: the exact engine twice and Monte Carlo
+def test_sequence_report_on_a_random_model_of_given_shapes(tmp_path):
+  """``--model=random:<folder>`` (the tiny model's shapes): the bound-0 workload, the stages
+  adding up to the run, the floors, and Monte Carlo's token count (one draw per sample
+  per step: between n and n · max_new_tokens)."""
+  from calibjax.testing import tiny
+  (tmp_path / "config.json").write_text(json.dumps(tiny.CONFIG.to_dict()))
+  (tmp_path / "tokenizer.json").write_text(json.dumps(tiny.tokenizer().fields()))
+  cfg = benchmarking.SequenceBenchmarkConfig(model=f"random:{tmp_path}", task="weekdays",
+                                             mc_samples=64, mc_max_new_tokens=6)
+  report = benchmarking.run_sequence_benchmark(cfg, log=lambda *_: None)
+  # the whole weekdays tree of the tiny vocabulary (245 nodes) is under the 448-node cap
+  assert report["nodes_expanded"] == 245 and "random weights" in report["model_used"]
+  stages = report["exact_stages_s"]
+  assert set(stages) == {"extend", "sampler_probs", "validity_index", "host"}
+  assert min(stages.values()) >= 0 and sum(stages.values()) == pytest.approx(report["exact_s"])
+  assert report["exact_over_forward_floor"] == pytest.approx(
+      report["exact_nodes_per_s"] / report["forward_floor_nodes_per_s"])
+  assert 64 <= report["mc_tokens_drawn"] <= 64 * 6
+  assert report["mc_over_decode_floor"] == pytest.approx(
+      report["mc_tokens_per_s"] / report["decode_floor_tokens_per_s"])
+  assert set(report["targets_met"]) == {f"{k}{op}{v:g}" for k, (op, v) in
+                                        benchmarking.SEQUENCE_TARGETS.items()}
