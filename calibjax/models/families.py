@@ -129,8 +129,12 @@ def read_config(raw: dict, where: str) -> DecoderConfig:
       unsupported option (RoPE type, activation, MLP bias).
   """
   family = raw.get("model_type")
-  if family in _ALIASES:
-    raw, family = raw.get("text_config", raw), _ALIASES[family]
+  if family in _ALIASES:  # a multimodal checkpoint: its text model's config, which may leave
+    # tie_word_embeddings to the outer one (Qwen3.5's small models are tied)
+    text = raw.get("text_config", raw)
+    tied = {"tie_word_embeddings": raw["tie_word_embeddings"]} if (
+        "tie_word_embeddings" in raw) else {}
+    raw, family = {**tied, **text}, _ALIASES[family]
     family = raw.get("model_type", family)
   if family not in SWITCHES:
     raise errors.ModelLoadError(

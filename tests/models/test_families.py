@@ -181,6 +181,20 @@ def test_unsupported_architectures_and_files(tmp_path):
     models.load(str(sharded), cache_dir=str(tmp_path / "c"), progress=False)
 
 
+def test_a_multimodal_config_reads_its_text_model_and_the_outer_tying():
+  raw = json.load(open(os.path.join(DATA, "qwen35_moe_vl", "config.json")))
+  cfg = families.read_config(raw, "vl")
+  assert cfg.family == "qwen3_5_moe_text" and not cfg.tie_embeddings
+  assert cfg.layer_types.count("linear_attention") == 3 and cfg.moe.shared_ffn == 40
+  assert cfg.rope == (("full_attention", families.Rope(10_000.0, partial=0.25)),)
+  text = {k: v for k, v in raw["text_config"].items() if k != "tie_word_embeddings"}
+  tied = families.read_config({**raw, "tie_word_embeddings": True, "text_config": text}, "vl")
+  assert tied.tie_embeddings
+  own = families.read_config({**raw, "tie_word_embeddings": True,
+                              "text_config": {**text, "tie_word_embeddings": False}}, "vl")
+  assert not own.tie_embeddings  # the text model's own setting wins
+
+
 def test_rope_from_legacy_and_new_config_formats_agree():
   """Llama 3's ``rope_scaling`` + ``rope_theta`` and the same as ``rope_parameters``."""
   legacy = json.load(open(os.path.join(DATA, "llama3", "config.json")))
