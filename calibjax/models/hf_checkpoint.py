@@ -197,10 +197,9 @@ def read_tokenizer(folder: str, vocab_size: int | None = None):
 
 def read_sentencepiece(folder: str):
   """The tokenizer of ``tokenizer.model`` (pieces, scores, types and special ids)."""
-  from sentencepiece import sentencepiece_model_pb2 as pb
-  from calibjax.models.tokenizer import SentencePieceTokenizer
+  from calibjax.models.tokenizer import SentencePieceTokenizer, model_proto_class
   path = os.path.join(folder, "tokenizer.model")
-  proto = pb.ModelProto()
+  proto = model_proto_class()()
   try:
     with open(path, "rb") as f:
       proto.ParseFromString(f.read())

@@ -24,6 +24,49 @@ from calibjax import errors
 
 _BYTE, _USER, _CONTROL, _UNKNOWN, _UNUSED = 6, 4, 3, 2, 5
 _SKIP_TYPES = (_UNKNOWN, _CONTROL, _UNUSED)  # never produced as text
+_BPE = 2  # TrainerSpec.ModelType
+
+
+@functools.cache
+def model_proto_class():
+  """SentencePiece's ``ModelProto`` message (``tokenizer.model``), with the fields calibjax
+  reads and writes (others are kept as unknown fields when parsing), declared through
+  protobuf's descriptor API with sentencepiece's field numbers. Not sentencepiece's generated
+  ``sentencepiece_model_pb2``: the one in sentencepiece 0.2.3 runs only on protobuf 7, which
+  would force protobuf 7 on every user (and 0.2.0–0.2.2's on nothing newer than its build);
+  this works on any protobuf ≥ 5. Enums are declared as int32 (the same varint on the wire).
+  Tested byte for byte against ``sentencepiece_model_pb2``."""
+  from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+  field = descriptor_pb2.FieldDescriptorProto
+  kinds = {"string": field.TYPE_STRING, "float": field.TYPE_FLOAT, "int32": field.TYPE_INT32,
+           "bool": field.TYPE_BOOL}
+  file = descriptor_pb2.FileDescriptorProto(name="calibjax/sentencepiece_model.proto",
+                                            package="calibjax.sentencepiece", syntax="proto2")
+  for name, fields in (
+      ("SentencePiece", [("piece", 1, "string"), ("score", 2, "float"), ("type", 3, "int32")]),
+      ("TrainerSpec", [("model_type", 3, "int32"), ("vocab_size", 4, "int32"),
+                       ("split_digits", 25, "bool"), ("allow_whitespace_only_pieces", 26, "bool"),
+                       ("byte_fallback", 35, "bool"), ("unk_id", 40, "int32"),
+                       ("bos_id", 41, "int32"), ("eos_id", 42, "int32"), ("pad_id", 43, "int32")]),
+      ("NormalizerSpec", [("name", 1, "string"), ("add_dummy_prefix", 3, "bool"),
+                          ("remove_extra_whitespaces", 4, "bool"),
+                          ("escape_whitespaces", 5, "bool")]),
+      ("ModelProto", [("pieces", 1, ".calibjax.sentencepiece.SentencePiece"),
+                      ("trainer_spec", 2, ".calibjax.sentencepiece.TrainerSpec"),
+                      ("normalizer_spec", 3, ".calibjax.sentencepiece.NormalizerSpec")])):
+    message = file.message_type.add(name=name)
+    for fname, number, kind in fields:
+      f = message.field.add(name=fname, number=number, label=field.LABEL_OPTIONAL)
+      if kind in kinds:
+        f.type = kinds[kind]
+      else:
+        f.type, f.type_name = field.TYPE_MESSAGE, kind
+    if name == "ModelProto":
+      message.field[0].label = field.LABEL_REPEATED
+  pool = descriptor_pool.DescriptorPool()
+  pool.Add(file)
+  return message_factory.GetMessageClass(pool.FindMessageTypeByName(
+      "calibjax.sentencepiece.ModelProto"))
 
 
 def piece_bytes(piece: str, byte_fallback: bool = True) -> bytes:
@@ -38,15 +81,16 @@ class SentencePieceTokenizer:
 
   def __init__(self, tokens: list[str], scores, types, bos: int, eos: int, unk: int, pad: int):
     import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    proto = pb.ModelProto()
-    for tok, score, kind in zip(tokens, scores, types):
+    proto = model_proto_class()()
+    for i, (tok, score, kind) in enumerate(zip(tokens, scores, types)):
       piece = proto.pieces.add()
       piece.piece = tok.replace(" ", "▁") if kind == _USER else tok
       piece.score = float(score)
-      piece.type = int(kind) if int(kind) in (1, 2, 3, 4, 5, 6) else 1
+      # the unknown token is UNKNOWN whatever the file says (Gemma's GGUF marks it CONTROL;
+      # SentencePiece before 0.2.3 refuses a model without an UNKNOWN piece)
+      piece.type = _UNKNOWN if i == unk else int(kind) if int(kind) in (1, 2, 3, 4, 5, 6) else 1
     ts = proto.trainer_spec
-    ts.model_type = pb.TrainerSpec.BPE
+    ts.model_type = _BPE
     ts.vocab_size = len(tokens)
     ts.byte_fallback = True
     ts.split_digits = True

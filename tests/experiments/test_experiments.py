@@ -210,6 +210,28 @@ def test_quickstart_notebook_runs_headless(setup):
   assert any("tiny_ab" in str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
 
 
+def test_notebook_install_cell_keeps_an_accelerator_jax():
+  """The notebook's install cell, run where calibjax is installed (so it installs nothing): what
+  it finds here, and the pip installs it would try on each kind of runtime."""
+  import jax
+  import nbformat
+  nb = nbformat.read(os.path.join(ROOT, "experiments", "notebooks", "quickstart.ipynb"), 4)
+  cell = {}
+  exec(next(c for c in nb.cells if c.cell_type == "code").source, cell)
+  assert cell["probe"]() == ((jax.__version__, jax.default_backend()), None)
+  plans = cell["install_plans"]
+  # a jax already on a TPU or GPU (Colab's): that version first, else jax with the extra
+  assert plans("/src", ("0.12.0.1", "tpu"), "tpu") == [["/src[plots]", "jax==0.12.0.1"],
+                                                       ["/src[plots,tpu]"]]
+  assert plans("/src", ("0.11.2", "gpu"), None) == [["/src[plots]", "jax==0.11.2"],
+                                                   ["/src[plots,cuda]"]]
+  # a CPU-only jax, or none, where there is an accelerator: jax with its plugin
+  assert plans("/src", ("0.12.0.1", "cpu"), "cuda") == [["/src[plots,cuda]"]]
+  assert plans("https://host/calibjax.git", None, "tpu") == [
+      ["calibjax[plots,tpu] @ https://host/calibjax.git"]]
+  assert plans("/src", None, None) == [["/src[plots]"]]
+
+
 def test_sample_survives_kill_9(setup):
   """A real ``kill -9`` in the middle of a run, then ``--resume``: the same samples as an
   uninterrupted run, nothing lost or duplicated."""

@@ -53,9 +53,11 @@ def test_log_probabilities_match_the_reference(lm):
 
 
 def _log_probs(lm, ids):
-  z = np.asarray(lm.logits(ids[None])[0], np.float64)
-  top = z.max(-1, keepdims=True)
-  return z - top - np.log(np.exp(z - top).sum(-1, keepdims=True))
+  """log p over the vocabulary: the float32 logits minus their log-sum-exp, computed by XLA in
+  float32 (within ~1e-6 of float64; a float64 NumPy pass over 963 × 262,144 took 14 s)."""
+  import jax
+  z = lm.logits(ids[None])[0]
+  return np.asarray(z - jax.nn.logsumexp(z, -1, keepdims=True))
 
 
 def test_cached_decoding_equals_full_forward(lm):

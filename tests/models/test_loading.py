@@ -148,3 +148,29 @@ def test_orbax_staging_holds_the_largest_tensor():
   assert checkpoint.staging_gb(tree((248_320, 1_024), (1_024,))) == 2
   assert checkpoint.staging_gb(tree((128_256, 4_096))) == 3
   assert checkpoint.staging_gb([jax.ShapeDtypeStruct((128_256, 4_096), jnp.bfloat16)]) == 2
+
+
+def test_sentencepiece_model_bytes_equal_sentencepiece_own_message():
+  """calibjax declares SentencePiece's ModelProto itself (any protobuf ≥ 5); the bytes it writes
+  are sentencepiece's own generated message's, field for field, and parse back through both.
+  The unknown token is UNKNOWN even where the file calls it CONTROL (Gemma's GGUF does)."""
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  from calibjax.models.tokenizer import SentencePieceTokenizer, model_proto_class
+  tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "  ", "▁b"] + [f"<0x{b:02X}>" for b in range(256)]
+  types = [3, 3, 3, 3, 1, 4, 1] + [6] * 256
+  scores = [0.0, 0.0, 0.0, 0.0, -1.5, 0.0, -2.25] + [0.0] * 256
+  mine = SentencePieceTokenizer(tokens, scores, types, bos=2, eos=1, unk=3, pad=0).model_proto
+  ref = pb.ModelProto()
+  for tok, score, kind in zip(tokens, scores, [3, 3, 3, 2] + types[4:]):
+    ref.pieces.add(piece=tok.replace(" ", "▁") if kind == 4 else tok, score=score, type=kind)
+  ref.trainer_spec.MergeFrom(pb.TrainerSpec(
+      model_type=pb.TrainerSpec.BPE, vocab_size=263, split_digits=True,
+      allow_whitespace_only_pieces=True, byte_fallback=True, unk_id=3, bos_id=2, eos_id=1,
+      pad_id=0))
+  ref.normalizer_spec.MergeFrom(pb.NormalizerSpec(
+      name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+      escape_whitespaces=True))
+  assert mine == ref.SerializeToString()
+  back = model_proto_class().FromString(ref.SerializeToString())
+  assert [p.type for p in back.pieces][:8] == [3, 3, 3, 2, 1, 4, 1, 6]
+  assert back.pieces[5].piece == "▁▁" and back.trainer_spec.pad_id == 0
