@@ -89,7 +89,8 @@ def pytest_configure(config):
 
 
 # The longest test files (about 100 s each on 2 cores), started first: with one worker per
-# file (`--dist loadfile`) a long file started last would leave the other worker idle.
+# file (`--dist loadfile`) a long file started last would leave the other worker idle. (xdist
+# orders files by their number of tests unless told `--no-loadscope-reorder`, as README is.)
 LONGEST_FIRST = ("tests/test_lower_bounds.py", "tests/sequence/", "tests/tasks/test_validity.py", "tests/kernels/",
                  "tests/experiments/test_experiments.py", "tests/core/test_sharding.py",
                  "tests/models/test_gemma3_golden.py")

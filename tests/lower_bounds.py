@@ -14,7 +14,7 @@ Reads calibjax's requirements from its installed metadata (``install_requires`` 
 3. the tests named by the arguments run there (by default ``FAST``: each dependency's tests —
    jax and numpy in the array core; flax, orbax, gguf, safetensors, ml-dtypes, sentencepiece
    and protobuf in the loading tests; tokenizers and jinja2 in the chat tests; outlines-core in
-   the validity masks; optax in head training; absl, tqdm and matplotlib in a binary — and the
+   the validity masks; optax in head training; jax, numpy, absl, tqdm and matplotlib in a binary — and the
    wheel of this checkout installed outside it, its command run end to end).
 
 Needs the network (PyPI).
@@ -32,7 +32,7 @@ from packaging.version import Version
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv-lower")
 EXTRAS = ("test", "plots")
-FAST = ["tests/core/test_truncation.py::test_edge_rows", "tests/models/test_loading.py",
+FAST = ["tests/models/test_loading.py",
         "tests/models/test_chat.py", "tests/tasks/test_validity.py::test_regex_escapes_and_"
         "terminator_required", "tests/tasks/test_validity.py::test_markdown_surface_forms_when_"
         "the_task_accepts_them", "tests/recalibration/test_recalibration.py::test_training_"
