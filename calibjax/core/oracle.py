@@ -114,3 +114,14 @@ def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "va
   z, m = inputs.prepare(logits, valid_mask, temperature=temperature, mask_required=True)
   return _oracle(z, m, tau, temperature, inputs.capacity(m, max_valid), method, objective,
                  dispatch.resolve(implementation))
+
+
+def validity_cutoffs(z: jax.Array, m: jax.Array, taus: jax.Array, temperature: float, cap: int,
+                     implementation: str | None = None) -> OracleCutoff:
+  """:func:`oracle_cutoff` with the validity objective for several τ at once: fields
+  ``[S, ...]`` for ``taus [S]``, the valid ranks counted once for all of them (they do not
+  depend on τ). For callers under ``jit``: ``z``/``m`` already normalised
+  (:mod:`calibjax.core.inputs`), ``cap`` a power of two above every row's valid count."""
+  impl = dispatch.resolve(implementation)
+  return jax.vmap(lambda tau: _oracle(z, m, tau, temperature, cap, "threshold", "validity",
+                                      impl))(taus)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _WIDTHS = (12, 10, 10)
+MASKED_SUMS_UP_TO = 8  # threshold_stats: masked sums up to this many thresholds, else histograms
 _SIGN = np.uint32(0x80000000)  # numpy: no JAX backend at import (jax.distributed needs that)
 
 
@@ -88,14 +89,16 @@ def threshold_stats(x: jax.Array, alive: jax.Array, thresholds: jax.Array,
                     columns: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
   """Sums of each column over ``{u : alive_u and x_u ≥ θ_s}`` for every threshold ``θ_s``.
 
-  One pass: each token's number of passed thresholds (sorted), then one histogram per
-  column over ``S + 1`` cells and suffix sums (for one threshold, plain masked sums, ~8x
-  faster on CPU than a histogram). Returns one ``[S]`` array per column.
+  Up to ``MASKED_SUMS_UP_TO`` thresholds: one masked sum per threshold and column (fused
+  passes; on CPU over [32, 262144], 1 threshold ~8x and 8 thresholds 2x faster than the
+  histogram, which costs about the same for any count and wins above ~12). More: each
+  token's number of passed thresholds (sorted), then one histogram per column over ``S + 1``
+  cells and suffix sums. Returns one ``[S]`` array per column.
   """
   n = thresholds.shape[0]
-  if n == 1:
-    kept = alive & (x >= thresholds[0])
-    return tuple(jnp.sum(jnp.where(kept, col, 0.0))[None] for col in columns)
+  if n <= MASKED_SUMS_UP_TO:
+    kept = alive[None, :] & (x[None, :] >= thresholds[:, None])
+    return tuple(jnp.sum(jnp.where(kept, col[None, :], 0.0), axis=-1) for col in columns)
   order = jnp.argsort(thresholds)
   th = thresholds[order]
   passed = sum((th[j] <= x).astype(jnp.int32) for j in range(n))

@@ -1,8 +1,9 @@
 """Every sampler's probability of each valid next token, at a batch of tree nodes, from one
 pass over each row: single rules that share a rule and a temperature run as one sweep (one
 score and cut per row for all their values), and only the valid tokens' own probabilities are
-gathered (no ``[B, V]`` keep mask); chains and ``oracle_rank`` take the general
-:func:`calibjax.truncate_chain` path."""
+gathered (no ``[B, V]`` keep mask). ``oracle_rank``'s τ values at a temperature share one
+count of the valid ranks (:func:`calibjax.core.oracle.validity_cutoffs`) and then cut like a
+single rule; chains take the general :func:`calibjax.truncate_chain` path."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from calibjax import errors
-from calibjax.core import double_float, selection, truncation
+from calibjax.core import double_float, oracle, selection, truncation
 from calibjax.core.rows import map_rows
-from calibjax.core.rules import ORACLE_SET, REGISTRY, RULES, softmax_parts
+from calibjax.core.rules import ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES, softmax_parts
 from calibjax.models.language_model import bucket
 
 
@@ -26,22 +27,37 @@ def as_samplers(samplers) -> tuple[truncation.Sampler, ...]:
 
 
 def _groups(specs):
-  """Samplers grouped for evaluation: single rules sharing a rule and a temperature (one
-  sweep), ``oracle_set`` alone, and every other chain on its own."""
+  """Samplers grouped for evaluation: single rules (oracles included) sharing a rule and a
+  temperature (one sweep), and every chain on its own."""
   groups: dict = {}
   for k, s in enumerate(specs):
     rule = s.rules[0][0] if len(s.rules) == 1 else None
-    if rule in RULES or rule == ORACLE_SET:
+    if rule in RULES or rule in ORACLES:
       groups.setdefault((rule, s.temperature), []).append(k)
     else:
       groups[(None, k)] = [k]
   return groups
 
 
-def _row_valid_probs(z, m, idx, real, specs):
+def _oracle_rank_cuts(z, m, specs, cap):
+  """``oracle_rank``'s parameters ``[..., R]`` (its cutoff logit over T, −inf where the
+  oracle is undefined: every token kept, as in :func:`calibjax.truncate_chain`), for its
+  samplers in :func:`_groups` order; ``[..., 0]`` when there are none."""
+  cuts = [jnp.zeros(z.shape[:-1] + (0,), jnp.float32)]
+  for (rule, t), members in _groups(specs).items():
+    if rule == ORACLE_RANK:
+      o = oracle.validity_cutoffs(z, m, jnp.asarray([specs[k].rules[0][1] for k in members],
+                                                    jnp.float32), t, cap)
+      cuts.append(jnp.moveaxis(jnp.where(o.defined, o.z_star / t, -jnp.inf), 0, -1))
+  return jnp.concatenate(cuts, axis=-1)
+
+
+def _row_valid_probs(z, m, idx, real, cuts, specs):
   """One row: each sampler's probability ``[C]`` of the tokens ``idx`` (``real`` marks the
-  valid ones, which are the whole valid set) and its invalid mass ``[]``."""
+  valid ones, which are the whole valid set) and its invalid mass ``[]``; ``cuts``: the
+  row's ``oracle_rank`` parameters (:func:`_oracle_rank_cuts`)."""
   out, bad = [None] * len(specs), [None] * len(specs)
+  n_cuts = 0
   for (rule, t), members in _groups(specs).items():
     if rule is None:
       continue
@@ -54,9 +70,12 @@ def _row_valid_probs(z, m, idx, real, specs):
       continue
     p = softmax_parts(a)[-1]
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-    hi, lo = double_float.split([specs[k].rules[0][1] for k in members])
-    x, theta, *_ = REGISTRY[rule].cut(a, m, jnp.asarray(hi), jnp.asarray(lo),
-                                      lambda: double_float.divide(z, t))
+    if rule == ORACLE_RANK:
+      hi, lo = cuts[n_cuts:n_cuts + len(members)], jnp.zeros(len(members), jnp.float32)
+      n_cuts += len(members)
+    else:
+      hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
+    x, theta, *_ = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))
     alive = a > -jnp.inf
     kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
     keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
@@ -72,9 +91,9 @@ def _valid_token_probs(z, m, idx, real, specs, cap):
   C covers each row's whole valid set): ``[S, B, C]``, and each sampler's invalid mass
   ``[S, B]``."""
   rows, bad = map_rows(lambda *r: _row_valid_probs(*r, specs), z, m, idx, real,
-                       batch_shape=z.shape[:-1])
+                       _oracle_rank_cuts(z, m, specs, cap), batch_shape=z.shape[:-1])
   for (rule, k), members in _groups(specs).items():
-    if rule is None:  # chains and oracle_rank: the general path
+    if rule is None:  # chains: the general path
       tr = truncation.truncate_chain(z, specs[k], valid_mask=m, max_valid=cap)
       a = z / specs[k].temperature
       log_p = a - jax.scipy.special.logsumexp(a, axis=-1, keepdims=True)
