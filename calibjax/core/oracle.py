@@ -116,12 +116,12 @@ def oracle_cutoff(logits: ArrayLike, valid_mask: ArrayLike, objective: str = "va
                  dispatch.resolve(implementation))
 
 
-def validity_cutoffs(z: jax.Array, m: jax.Array, taus: jax.Array, temperature: float, cap: int,
-                     implementation: str | None = None) -> OracleCutoff:
+def validity_cutoffs(z: jax.Array, m: jax.Array, taus: jax.Array, temperature: float,
+                     max_valid: int, implementation: str | None = None) -> OracleCutoff:
   """:func:`oracle_cutoff` with the validity objective for several τ at once: fields
   ``[S, ...]`` for ``taus [S]``, the valid ranks counted once for all of them (they do not
   depend on τ). For callers under ``jit``: ``z``/``m`` already normalised
-  (:mod:`calibjax.core.inputs`), ``cap`` a power of two above every row's valid count."""
-  impl = dispatch.resolve(implementation)
+  (:mod:`calibjax.core.inputs`); ``max_valid`` as in :func:`oracle_cutoff`."""
+  cap, impl = inputs.capacity(m, max_valid), dispatch.resolve(implementation)
   return jax.vmap(lambda tau: _oracle(z, m, tau, temperature, cap, "threshold", "validity",
                                       impl))(taus)

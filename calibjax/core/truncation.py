@@ -263,6 +263,10 @@ def _truncate_pallas(z, m, t, params, rule, keep):
 
 def _row_chain(z, m, t, params, rules, keep):
   a0 = z / t
+  if rules and rules[0][0] == ORACLE_RANK:
+    # its parameter is the cut logit z*: the cut is that token's own a = z / T (XLA's division
+    # over a vector may differ from z* / T by an ulp, which would drop the cut token)
+    params = params.at[0, 0].set(jnp.max(jnp.where(z == params[0, 0], a0, -jnp.inf)))
   a = a0
   for (rule, _), param in zip(rules, params):
     survivors = a > -jnp.inf
@@ -388,8 +392,7 @@ def truncate_chain(logits: ArrayLike, sampler: Sampler | str | Sequence[tuple[st
   if s.rules and s.rules[0][0] == ORACLE_RANK:
     o = oracle.oracle_cutoff(z, m, "validity", s.rules[0][1], t, max_valid=max_valid,
                              implementation=implementation)
-    t_rows = jnp.broadcast_to(jnp.asarray(t, jnp.float32), z.shape[:-1])
-    params = _pairs(jnp.where(o.defined, o.z_star / t_rows, -jnp.inf)[..., None])
+    params = _pairs(jnp.where(o.defined, o.z_star, -jnp.inf)[..., None])  # z*: see _row_chain
   else:
     params = _pairs([0.0 if v is None else v for _, v in s.rules])
     params = jnp.broadcast_to(params, z.shape[:-1] + params.shape)

@@ -40,15 +40,15 @@ def _groups(specs):
 
 
 def _oracle_rank_cuts(z, m, specs, cap):
-  """``oracle_rank``'s parameters ``[..., R]`` (its cutoff logit over T, −inf where the
-  oracle is undefined: every token kept, as in :func:`calibjax.truncate_chain`), for its
-  samplers in :func:`_groups` order; ``[..., 0]`` when there are none."""
+  """``oracle_rank``'s cutoff logits ``z*`` ``[..., R]`` (−inf where the oracle is undefined:
+  every token kept, as in :func:`calibjax.truncate_chain`), for its samplers in
+  :func:`_groups` order; ``[..., 0]`` when there are none."""
   cuts = [jnp.zeros(z.shape[:-1] + (0,), jnp.float32)]
   for (rule, t), members in _groups(specs).items():
     if rule == ORACLE_RANK:
       o = oracle.validity_cutoffs(z, m, jnp.asarray([specs[k].rules[0][1] for k in members],
                                                     jnp.float32), t, cap)
-      cuts.append(jnp.moveaxis(jnp.where(o.defined, o.z_star / t, -jnp.inf), 0, -1))
+      cuts.append(jnp.moveaxis(jnp.where(o.defined, o.z_star, -jnp.inf), 0, -1))
   return jnp.concatenate(cuts, axis=-1)
 
 
@@ -70,9 +70,12 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
       continue
     p = softmax_parts(a)[-1]
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-    if rule == ORACLE_RANK:
-      hi, lo = cuts[n_cuts:n_cuts + len(members)], jnp.zeros(len(members), jnp.float32)
+    if rule == ORACLE_RANK:  # the cut: z*'s own token's a (XLA's z / T over a vector may
+      z_star = cuts[n_cuts:n_cuts + len(members)]  # differ from z* / T by an ulp)
       n_cuts += len(members)
+      on_cut = real[None, :] & (jnp.take(z, idx)[None, :] == z_star[:, None])
+      hi = jnp.max(jnp.where(on_cut, jnp.take(a, idx)[None, :], -jnp.inf), axis=-1)
+      lo = jnp.zeros(len(members), jnp.float32)
     else:
       hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
     x, theta, *_ = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))

@@ -137,3 +137,23 @@ def test_oracle_rank_is_a_sampler_of_its_own():
   # a fully valid row: the cutoff is undefined and everything is kept
   keep = cj.truncate_chain(np.log([[.5, .3, .2]]), "oracle_rank", valid_mask=np.ones((1, 3), bool)).keep
   assert np.asarray(keep).all()
+
+
+@pytest.mark.parametrize("t", [0.7, 1.3])
+def test_oracle_rank_keeps_its_cut_token(t):
+  """``oracle_rank`` keeps every token with ``z ≥ z*``, the cut token included: XLA's ``z / T``
+  over a row differs from ``z* / T`` by an ulp for some logits (one here: 0.32550383 / 1.3),
+  which dropped the cut's own valid token (validity 0 reported)."""
+  rng = np.random.default_rng(5)
+  z = (rng.standard_normal((6, 3001)) * 3).astype(np.float32)
+  m = np.zeros(z.shape, bool)
+  for b, n in enumerate([8, 7, 9, 1, 2, 8]):
+    m[b, rng.choice(z.shape[1], n, replace=False)] = True
+    z[b, m[b]] += 4
+  for tau in (0.5, 0.9):
+    o = cj.oracle_cutoff(z, m, "validity", tau, t, max_valid=16)
+    tr = cj.truncate_chain(z, f"oracle_rank={tau},t={t}", valid_mask=m, max_valid=16)
+    keep, z_star = np.asarray(tr.keep), np.asarray(o.z_star)
+    assert np.asarray(o.defined).all()
+    assert keep[z >= z_star[:, None]].all(), (tau, t)
+    assert (keep.sum(-1) >= np.asarray(o.r_star)).all() and (np.asarray(tr.validity) > 0).all()

@@ -202,3 +202,43 @@ def test_exact_equals_brute_force_on_a_byte_level_family(name, tmp_path):
   for s, r in zip(samplers, res.samplers):
     np.testing.assert_allclose(r.answer_probs, brute_force(lm, task, s), rtol=1e-5, atol=1e-28,
                                err_msg=s)
+
+
+def test_engine_pass_equals_truncate_chain_per_sampler():
+  """The engine's grouped pass (one sweep per rule and temperature, oracle_rank's τ sharing one
+  valid-rank count, masked sums for small sweeps) against :func:`calibjax.truncate_chain` one
+  sampler at a time, on rows whose valid count is exactly the capacity (8), one less, one more
+  (a capacity of 16) and a single token (a tree node always has one); a −inf logit and ties
+  among the valid ones."""
+  import types
+  import jax.numpy as jnp
+  import calibjax as cj
+  from calibjax.sequence.probabilities import ValidTokenProbs
+  from calibjax.core.rules import REGISTRY
+  rng = np.random.default_rng(5)
+  counts = [8, 7, 9, 1, 2, 8]
+  z = (rng.standard_normal((len(counts), 3001)) * 3).astype(np.float32)
+  m = np.zeros(z.shape, bool)
+  for b, n in enumerate(counts):
+    m[b, rng.choice(z.shape[1], n, replace=False)] = True
+    z[b, m[b]] += 4
+  z[0, np.flatnonzero(m[0])[:3]] = z[0, np.flatnonzero(m[0])[0]]  # tied valid logits
+  z[1, 5] = -np.inf
+  specs = [f"{name}={v:g},t={t}" for name, r in REGISTRY.items() for v in r.sequence
+           for t in (1, 1.3)] + ["oracle_set,t=1.3", "top_k=3,top_p=0.9"]
+  nodes = [types.SimpleNamespace(text=f"row {b}".encode(), path=()) for b in range(len(counts))]
+  idx, probs, invalid = ValidTokenProbs(specs)(jnp.asarray(z), m, nodes)
+  assert idx.shape[1] == 16
+  for k, spec in enumerate(specs):
+    tr = cj.truncate_chain(z, spec, valid_mask=m, max_valid=16)
+    s = cj.Sampler.parse(spec)
+    a = z.astype(np.float64) / s.temperature
+    p = np.exp(a - a.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.where(np.asarray(tr.keep), p, 0.0) / np.asarray(tr.kept_mass, np.float64)[:, None]
+    for b in range(len(counts)):
+      ids = idx[b][idx[b] >= 0]
+      np.testing.assert_allclose(probs[k, b, :len(ids)], want[b, ids], rtol=2e-5, atol=1e-7,
+                                 err_msg=f"{spec} row {b}")
+    np.testing.assert_allclose(invalid[k], 1.0 - np.asarray(tr.validity), atol=2e-6,
+                               err_msg=spec)
