@@ -224,8 +224,9 @@ def test_engine_pass_equals_truncate_chain_per_sampler():
     z[b, m[b]] += 4
   z[0, np.flatnonzero(m[0])[:3]] = z[0, np.flatnonzero(m[0])[0]]  # tied valid logits
   z[1, 5] = -np.inf
-  specs = [f"{name}={v:g},t={t}" for name, r in REGISTRY.items() for v in r.sequence
-           for t in (1, 1.3)] + ["oracle_set,t=1.3", "top_k=3,top_p=0.9"]
+  specs = [f"{name}={v:g},t={t}" for name, r in REGISTRY.items() if r.sequence
+           for v in (r.sequence[0], r.sequence[-1]) for t in (1, 1.3)] + [
+               "oracle_set,t=1.3", "top_k=3,top_p=0.9"]  # one compile each in truncate_chain
   nodes = [types.SimpleNamespace(text=f"row {b}".encode(), path=()) for b in range(len(counts))]
   idx, probs, invalid = ValidTokenProbs(specs)(jnp.asarray(z), m, nodes)
   assert idx.shape[1] == 16
