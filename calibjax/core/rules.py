@@ -62,6 +62,29 @@ def softmax_parts(a):
   return jax.lax.optimization_barrier((top, total, jnp.log(total), e / total))
 
 
+def logit_threshold(theta, consts):
+  """For a rule whose score is ``"logit"`` (``x = (a − c₁) − c₂`` in float32, ``consts =
+  (c₁, c₂, c₃)`` of its :class:`Cut`): the smallest float32 ``θ_a`` with ``(θ_a − c₁) − c₂ ≥
+  θ``, per cut ``θ [S]``. Each float32 operation is non-decreasing in ``a``, so ``x_v ≥ θ ⟺
+  a_v ≥ θ_a`` token for token (ties and rounding at the cut included): cuts of different
+  rules on the same ``a`` can then share one pass over the row. Found by bisection on the
+  float keys (32 steps over ``[S]``, nothing over the row); ``θ`` itself when ``x = a``."""
+  if all(isinstance(c, np.floating) and c == 0 for c in consts[:2]):
+    return theta
+  score = lambda c: (c - consts[0]) - consts[1]
+  lo = jnp.full(theta.shape, selection.float_key(jnp.float32(-jnp.inf)))
+  hi = jnp.full(theta.shape, selection.float_key(jnp.float32(jnp.inf)))
+
+  def halve(_, bounds):  # invariant: score(hi) ≥ θ (or hi = +inf), score(lo) < θ
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    up = score(selection.key_float(mid)) >= theta
+    return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
+  _, hi = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  low_ok = score(jnp.float32(-jnp.inf)) >= theta  # θ = −inf: every token
+  return jnp.where(low_ok, -jnp.inf, selection.key_float(hi))
+
+
 # A float32 cumulative mass this close to its target is re-decided in double-float arithmetic.
 # The histograms' float32 masses were measured at most 2.0e-7 from float64 (flat and
 # heavy-tailed rows of 262,144 tokens, 32 targets each; BUILD_NOTES): a 20x margin.

@@ -16,7 +16,8 @@ import numpy as np
 from calibjax import errors
 from calibjax.core import double_float, oracle, selection, truncation
 from calibjax.core.rows import map_rows
-from calibjax.core.rules import ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES, softmax_parts
+from calibjax.core.rules import (ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES,
+                                 logit_threshold, softmax_parts)
 from calibjax.models.language_model import bucket
 
 
@@ -28,7 +29,8 @@ def as_samplers(samplers) -> tuple[truncation.Sampler, ...]:
 
 def _groups(specs):
   """Samplers grouped for evaluation: single rules (oracles included) sharing a rule and a
-  temperature (one sweep), and every chain on its own."""
+  temperature (one sweep), and every chain on its own; single rules of one temperature
+  next to each other (their cuts share a pass over the row)."""
   groups: dict = {}
   for k, s in enumerate(specs):
     rule = s.rules[0][0] if len(s.rules) == 1 else None
@@ -36,7 +38,10 @@ def _groups(specs):
       groups.setdefault((rule, s.temperature), []).append(k)
     else:
       groups[(None, k)] = [k]
-  return groups
+  first = {}
+  for rule, t in groups:
+    first.setdefault(t if rule is not None else None, len(first))
+  return dict(sorted(groups.items(), key=lambda g: first[g[0][1] if g[0][0] else None]))
 
 
 def _oracle_rank_cuts(z, m, specs, cap):
@@ -55,36 +60,60 @@ def _oracle_rank_cuts(z, m, specs, cap):
 def _row_valid_probs(z, m, idx, real, cuts, specs):
   """One row: each sampler's probability ``[C]`` of the tokens ``idx`` (``real`` marks the
   valid ones, which are the whole valid set) and its invalid mass ``[]``; ``cuts``: the
-  row's ``oracle_rank`` parameters (:func:`_oracle_rank_cuts`)."""
+  row's ``oracle_rank`` parameters (:func:`_oracle_rank_cuts`).
+
+  At each temperature, every rule whose score is the logit or a shift of it (all but
+  ``typical`` and ``oracle_set``) has its cuts carried to cuts on ``a = z / T``
+  (:func:`calibjax.core.rules.logit_threshold`, exact), and one ``threshold_stats`` over ``a``
+  counts the kept masses of all of them."""
   out, bad = [None] * len(specs), [None] * len(specs)
-  n_cuts = 0
+  by_temperature: dict = {}
   for (rule, t), members in _groups(specs).items():
-    if rule is None:
-      continue
+    if rule is not None:
+      by_temperature.setdefault(t, []).append((rule, members))
+  n_cuts = 0
+  for t, groups in by_temperature.items():
     a = z / t
-    if rule == ORACLE_SET:  # softmax over the valid logits (never underflows)
-      a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
-      e = jnp.exp(a_idx - jnp.max(a_idx))
-      for k in members:
-        out[k], bad[k] = e / jnp.sum(e), jnp.zeros(())
-      continue
     p = softmax_parts(a)[-1]
-    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-    if rule == ORACLE_RANK:  # the cut: z*'s own token's a (XLA's z / T over a vector may
-      z_star = cuts[n_cuts:n_cuts + len(members)]  # differ from z* / T by an ulp)
-      n_cuts += len(members)
-      on_cut = real[None, :] & (jnp.take(z, idx)[None, :] == z_star[:, None])
-      hi = jnp.max(jnp.where(on_cut, jnp.take(a, idx)[None, :], -jnp.inf), axis=-1)
-      lo = jnp.zeros(len(members), jnp.float32)
-    else:
-      hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
-    x, theta, *_ = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))
     alive = a > -jnp.inf
-    kept, kept_invalid = selection.threshold_stats(x, alive, theta, (p, jnp.where(m, 0.0, p)))
-    keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
-    probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
-    for j, k in enumerate(members):
-      out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
+    columns = (p, jnp.where(m, 0.0, p))
+    p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
+
+    def assign(members, x, theta, kept, kept_invalid):
+      keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
+      probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
+      for j, k in enumerate(members):
+        out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
+
+    on_a = []  # (members, cuts on a)
+    for rule, members in groups:
+      if rule == ORACLE_SET:  # softmax over the valid logits (never underflows)
+        a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
+        e = jnp.exp(a_idx - jnp.max(a_idx))
+        for k in members:
+          out[k], bad[k] = e / jnp.sum(e), jnp.zeros(())
+        continue
+      if rule == ORACLE_RANK:  # the cut: z*'s own token's a (XLA's z / T over a vector may
+        z_star = cuts[n_cuts:n_cuts + len(members)]  # differ from z* / T by an ulp)
+        n_cuts += len(members)
+        on_cut = real[None, :] & (jnp.take(z, idx)[None, :] == z_star[:, None])
+        hi = jnp.max(jnp.where(on_cut, jnp.take(a, idx)[None, :], -jnp.inf), axis=-1)
+        lo = jnp.zeros(len(members), jnp.float32)
+      else:
+        hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
+      x, theta, _, consts = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))
+      if REGISTRY[rule].score == "logit":
+        on_a.append((members, logit_threshold(theta, consts)))
+      else:
+        assign(members, x, theta, *selection.threshold_stats(x, alive, theta, columns))
+    if on_a:
+      theta = jnp.concatenate([th for _, th in on_a])
+      kept, kept_invalid = selection.threshold_stats(a, alive, theta, columns)
+      start = 0
+      for members, th in on_a:
+        part = slice(start, start + len(members))
+        assign(members, a, th, kept[part], kept_invalid[part])
+        start += len(members)
   return out, bad
 
 

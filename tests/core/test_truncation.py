@@ -190,3 +190,29 @@ def test_top_token_is_kept_when_rules_share_one_compiled_function():
 
   k, e = both(z)
   assert np.all(np.asarray(e) >= 1) and np.all(np.asarray(k) >= 1)
+
+
+def test_logit_threshold_carries_a_cut_to_the_logit_exactly():
+  """``x = (a − c₁) − c₂ ≥ θ ⟺ a ≥ θ_a`` token for token, in NumPy's float32 (IEEE) arithmetic,
+  at cuts equal to tokens' own scores (ties), one ulp beside them, ±inf and out of range; and
+  θ_a is the smallest such float (the float below it fails the cut)."""
+  from calibjax.core.rules import logit_threshold
+  rng = np.random.default_rng(21)
+  base = rng.normal(0, 4, 400).astype(np.float32)
+  a = np.concatenate([base, np.nextafter(base, np.float32(np.inf)),
+                      np.nextafter(base, np.float32(-np.inf)), [-np.inf]]).astype(np.float32)
+  for c1, c2 in ((np.float32(7.123), np.float32(3.3001)), (np.float32(-0.37), np.float32(11.9)),
+                 (np.float32(0), np.float32(0))):
+    x = (a - c1) - c2
+    finite = x[np.isfinite(x)]
+    theta = np.concatenate([finite[:60], np.nextafter(finite[60:120], np.float32(np.inf)),
+                            np.nextafter(finite[120:180], np.float32(-np.inf)),
+                            [-np.inf, np.inf, np.float32(1e30), np.float32(-1e30)]])
+    theta = theta.astype(np.float32)
+    consts = (c1, c2, np.float32(0)) if c1 or c2 else (np.float32(0),) * 3
+    got = np.asarray(logit_threshold(jnp.asarray(theta), tuple(
+        jnp.asarray(c) if c1 or c2 else c for c in consts)))
+    np.testing.assert_array_equal(x[None, :] >= theta[:, None], a[None, :] >= got[:, None])
+    below = np.nextafter(got, np.float32(-np.inf))
+    ok = np.isfinite(got) & (got > -np.inf)
+    assert np.all((below[ok] - c1) - c2 < theta[ok])
