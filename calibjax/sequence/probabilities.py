@@ -73,7 +73,9 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
       by_temperature.setdefault(t, []).append((rule, members))
   n_cuts = 0
   for t, groups in by_temperature.items():
-    a = z / t
+    # one a for every consumer: XLA recomputes z / T inside each fusion that reads it, at
+    # times as z · (1/T), an ulp off, and a cut carried to a must meet the same a
+    a = jax.lax.optimization_barrier(z / t)
     p = softmax_parts(a)[-1]
     alive = a > -jnp.inf
     columns = (p, jnp.where(m, 0.0, p))

@@ -204,16 +204,36 @@ def test_exact_equals_brute_force_on_a_byte_level_family(name, tmp_path):
                                err_msg=s)
 
 
-def test_engine_pass_equals_truncate_chain_per_sampler():
-  """The engine's grouped pass (one sweep per rule and temperature, oracle_rank's τ sharing one
-  valid-rank count, masked sums for small sweeps) against :func:`calibjax.truncate_chain` one
-  sampler at a time, on rows whose valid count is exactly the capacity (8), one less, one more
-  (a capacity of 16) and a single token (a tree node always has one); a −inf logit and ties
-  among the valid ones."""
+def _engine_pass_equals_truncate_chain(z, m, specs, cap):
+  """The engine's grouped pass against :func:`calibjax.truncate_chain`, sampler by sampler."""
   import types
   import jax.numpy as jnp
   import calibjax as cj
   from calibjax.sequence.probabilities import ValidTokenProbs
+  nodes = [types.SimpleNamespace(text=f"row {b}".encode(), path=()) for b in range(len(z))]
+  idx, probs, invalid = ValidTokenProbs(specs)(jnp.asarray(z), m, nodes)
+  assert idx.shape[1] == cap
+  for k, spec in enumerate(specs):
+    tr = cj.truncate_chain(z, spec, valid_mask=m, max_valid=cap)
+    s = cj.Sampler.parse(spec)
+    a = z.astype(np.float64) / s.temperature
+    p = np.exp(a - a.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.where(np.asarray(tr.keep), p, 0.0) / np.asarray(tr.kept_mass, np.float64)[:, None]
+    for b in range(len(z)):
+      ids = idx[b][idx[b] >= 0]
+      np.testing.assert_allclose(probs[k, b, :len(ids)], want[b, ids], rtol=2e-5, atol=1e-7,
+                                 err_msg=f"{spec} row {b}")
+    np.testing.assert_allclose(invalid[k], 1.0 - np.asarray(tr.validity), atol=2e-6,
+                               err_msg=spec)
+
+
+def test_engine_pass_equals_truncate_chain_per_sampler():
+  """The engine's grouped pass (one sweep per rule and temperature, oracle_rank's τ sharing one
+  valid-rank count, the logit-score rules' cuts sharing one pass) against
+  :func:`calibjax.truncate_chain` one sampler at a time, on rows whose valid count is exactly
+  the capacity (8), one less, one more (a capacity of 16) and a single token (a tree node
+  always has one); a −inf logit and ties among the valid ones."""
   from calibjax.core.rules import REGISTRY
   rng = np.random.default_rng(5)
   counts = [8, 7, 9, 1, 2, 8]
@@ -227,19 +247,34 @@ def test_engine_pass_equals_truncate_chain_per_sampler():
   specs = [f"{name}={v:g},t={t}" for name, r in REGISTRY.items() if r.sequence
            for v in (r.sequence[0], r.sequence[-1]) for t in (1, 1.3)] + [
                "oracle_set,t=1.3", "top_k=3,top_p=0.9"]  # one compile each in truncate_chain
-  nodes = [types.SimpleNamespace(text=f"row {b}".encode(), path=()) for b in range(len(counts))]
-  idx, probs, invalid = ValidTokenProbs(specs)(jnp.asarray(z), m, nodes)
-  assert idx.shape[1] == 16
-  for k, spec in enumerate(specs):
-    tr = cj.truncate_chain(z, spec, valid_mask=m, max_valid=16)
-    s = cj.Sampler.parse(spec)
-    a = z.astype(np.float64) / s.temperature
-    p = np.exp(a - a.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = np.where(np.asarray(tr.keep), p, 0.0) / np.asarray(tr.kept_mass, np.float64)[:, None]
-    for b in range(len(counts)):
-      ids = idx[b][idx[b] >= 0]
-      np.testing.assert_allclose(probs[k, b, :len(ids)], want[b, ids], rtol=2e-5, atol=1e-7,
-                                 err_msg=f"{spec} row {b}")
-    np.testing.assert_allclose(invalid[k], 1.0 - np.asarray(tr.validity), atol=2e-6,
-                               err_msg=spec)
+  _engine_pass_equals_truncate_chain(z, m, specs, 16)
+
+
+def carried_cut_case():
+  """Rows where an ulp of z / T decides whether the top token is kept (see below)."""
+  rng = np.random.default_rng(0)
+  z = (rng.standard_normal((32, 3001)) * 3).astype(np.float32)
+  m = np.zeros(z.shape, bool)
+  m[:, :4] = True
+  m[np.arange(32), z.argmax(1)] = True
+  specs = [f"{rule}={v},t={t}" for rule, values in (("epsilon", (0.5, 0.9)), ("eta", (0.5, 0.9)),
+                                                    ("min_p", (0.9, 1.0)))
+           for v in values for t in (0.7, 1.3, 0.9, 1.7)]
+  _engine_pass_equals_truncate_chain(z, m, specs, 8)
+
+
+def test_cuts_carried_to_the_logit_keep_the_top_token():
+  """Regression: XLA computed z / T in one fusion as z · (1/T), an ulp off the division in
+  another, so a cut clamped to the top token's score, carried to a, fell above that token's
+  a: nothing kept, NaN probabilities (``epsilon=0.5,t=0.7`` on the first of these rows whose
+  top token has p < 0.5; seen in the frontier binary). Run at XLA's default optimisation
+  level in a fresh process: the tests' ``--xla_backend_optimization_level=0`` never makes
+  that product."""
+  import os
+  import subprocess
+  import sys
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  run = subprocess.run([sys.executable, "-c", "from tests.sequence.test_sequence import "
+                        "carried_cut_case; carried_cut_case()"], env=env, capture_output=True,
+                       text=True, cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
+  assert run.returncode == 0, run.stderr[-3000:]
