@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.rows import map_rows
+from calibjax.core.selection import histogram
 
 METHODS = ("threshold", "sort")
 
@@ -116,7 +117,11 @@ def _row_threshold(z, m, cap, temperature):
   b, tied = _locate(s, z)
   # One histogram over 2C cells: cell b (not tied to s_b) or C + b (tied).
   cell = b + cap * tied
-  cells = jnp.bincount(cell, length=2 * cap)
+  # few slots: most tokens share cell 0 (below every valid logit), which histogram() splits;
+  # at 512 slots its copies cost more than they save (measured on real rows: 95 vs 130 ms)
+  count = ((lambda w=None: histogram(cell, 2 * cap, w)) if cap <= 64 else
+           (lambda w=None: jnp.bincount(cell, weights=w, length=2 * cap)))
+  cells = count()
   lo = jnp.searchsorted(s, s, side="left")
   hi = jnp.searchsorted(s, s, side="right")
 
@@ -129,7 +134,7 @@ def _row_threshold(z, m, cap, temperature):
   if temperature is None:
     return out
   p, prob = _softmax(z, temperature)
-  gt_mass, eq_mass = at_slots(jnp.bincount(cell, weights=p, length=2 * cap))
+  gt_mass, eq_mass = at_slots(count(p))
   return out.replace(gt_mass=gt_mass, eq_mass=eq_mass, p_slot=prob(s), p_max=jnp.max(p))
 
 
