@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from calibjax.core import order, shape
+from calibjax.core.rows import to_host
 from calibjax.models import prompts
 from calibjax.progress import bar as progress_bar
 from calibjax.sequence.tree import BestFirst, NodeEvaluator, Tree
@@ -62,7 +63,7 @@ def _metrics(z, m, cfg: DiagnoseConfig):
   s = shape.shape_stats(z, m)
   g = shape.group_masses(z, m, temps, top_m=cfg.frequent_top_m or None)
   c = order.cutoff_curve(z, m, cuts, max_cutoff=max(cfg.cutoffs))
-  o, s, g, c = jax.tree.map(np.asarray, (o, s, g, c))
+  o, s, g, c = jax.tree.map(to_host, (o, s, g, c))  # rows may be split over processes
   rows = []
   for i in range(z.shape[0]):
     rows.append({
@@ -106,8 +107,10 @@ def diagnose_task(lm, task: Task, cfg: DiagnoseConfig = DiagnoseConfig(), *, hea
   while queue.top() >= cfg.floor and len(records) < cfg.max_nodes:
     batch = queue.pop(min(cfg.batch_size, cfg.max_nodes - len(records)), min_priority=cfg.floor)
     logits, _, valid = evaluate.forward(batch)
-    rows = _metrics(logits[:len(batch)], jnp.asarray(valid[:len(batch)]), cfg)
-    log_p = np.asarray(jax.nn.log_softmax(logits[:len(batch)], axis=-1))
+    # the whole fixed-size batch (its spare rows repeat the first node): a last, smaller
+    # batch would compile every metric again
+    rows = _metrics(logits, jnp.asarray(valid), cfg)
+    log_p = to_host(jax.nn.log_softmax(logits, axis=-1))
     for node, row, lp, m in zip(batch, rows, log_p, valid):
       records.append({"path": list(node.path), "text": node.text.decode("utf-8", "replace"),
                       "depth": len(node.path), "path_prob": float(node.mass[0]), **row})

@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"  # the mesh axis that rows (positions, samples, nodes) are split over
@@ -105,6 +106,15 @@ def replicate(tree):
   if devices <= 1 or not explicit:
     return tree
   return jax.tree.map(lambda x: jax.reshard(x, P()), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of ``x`` as a NumPy array on every process, also when its rows are split over
+  devices of several processes (``jax.distributed``), where ``np.asarray`` refuses."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def map_rows(fn: Callable, *arrays: jax.Array, batch_shape: tuple[int, ...]):
