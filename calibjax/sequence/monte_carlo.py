@@ -93,7 +93,6 @@ class Classifier:
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "cap"))
-@functools.partial(jax.jit, static_argnames=("spec", "cap"))
 def _next_tokens(key, z, m, spec, cap):
   keep = truncation.truncate_chain(z, spec, valid_mask=m, max_valid=cap).keep
   return sampling.categorical(key, jnp.where(keep, z / spec.temperature, -jnp.inf))
@@ -112,11 +111,12 @@ def draw(lm, tree: Tree, spec: truncation.Sampler, prompt_ids, n: int, key, *,
     logits0 = head(hidden0, logits0)
   bar = progress_bar(f"sample {tree.task.name} {spec}", "sample", n, enabled=progress)
   texts, answer, reason = [], [], []
+  rows = min(batch_size, n)  # every batch this size (a smaller last one would compile again)
   for start in range(0, n, batch_size):
     m = min(batch_size, n - start)
-    samples = [Classifier(tree) for _ in range(m)]
-    logits = jnp.repeat(logits0, m, axis=0)
-    cache = lm.repeat(prompt_cache, m)
+    samples = [Classifier(tree) for _ in range(m)]  # rows past m are drawn and dropped
+    logits = jnp.repeat(logits0, rows, axis=0)
+    cache = lm.repeat(prompt_cache, rows)
     for step in range(max_new_tokens):
       key, sub = jax.random.split(key)
       valid, cap = None, None
@@ -124,6 +124,7 @@ def draw(lm, tree: Tree, spec: truncation.Sampler, prompt_ids, n: int, key, *,
         decided = np.zeros(len(tree.token_bytes), bool)
         decided[min(tree.eos_ids)] = True  # any mask will do for a decided sample
         masks = [decided if x.result is not None else x.mask() for x in samples]
+        masks += [decided] * (rows - m)
         cap = bucket(max(int(x.sum()) for x in masks), minimum=8)
         valid = jnp.asarray(np.stack(masks))
       nxt = _next_tokens(sub, logits, valid, spec, cap)
