@@ -87,7 +87,7 @@ def test_sweep_equals_per_value_calls(rule):
     np.testing.assert_array_equal(np.asarray(s.keep[i]), np.asarray(one.keep))
     for f in ("threshold", "kept_count", "kept_valid"):
       np.testing.assert_array_equal(np.asarray(getattr(s, f)[i]), np.asarray(getattr(one, f)))
-    # histogram sums (sweep) vs masked sums (one value): float32 summation order only;
+    # histograms over S + 1 cells (sweep) vs 2 cells (one value): float32 summation order;
     # the entropy log(Σp) − Σp·log p / Σp amplifies it by cancellation (measured 1.6e-6)
     for f, rtol in (("kept_mass", 1e-6), ("validity", 1e-6), ("kept_valid_entropy", 5e-6)):
       np.testing.assert_allclose(np.asarray(getattr(s, f)[i]), np.asarray(getattr(one, f)),

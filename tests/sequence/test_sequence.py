@@ -205,27 +205,43 @@ def test_exact_equals_brute_force_on_a_byte_level_family(name, tmp_path):
 
 
 def _engine_pass_equals_truncate_chain(z, m, specs, cap):
-  """The engine's grouped pass against :func:`calibjax.truncate_chain`, sampler by sampler."""
+  """The engine's grouped pass against :func:`calibjax.truncate_chain`, sampler by sampler
+  (single rules through :func:`calibjax.truncate` with all of a rule's values at one
+  temperature as one sweep, which equals ``truncate_chain`` value by value: one compile per
+  rule and temperature)."""
   import types
   import jax.numpy as jnp
   import calibjax as cj
+  from calibjax.core.rules import RULES
   from calibjax.sequence.probabilities import ValidTokenProbs
   nodes = [types.SimpleNamespace(text=f"row {b}".encode(), path=()) for b in range(len(z))]
   idx, probs, invalid = ValidTokenProbs(specs)(jnp.asarray(z), m, nodes)
   assert idx.shape[1] == cap
+  parsed = [cj.Sampler.parse(spec) for spec in specs]
+  sweeps: dict = {}
+  for k, s in enumerate(parsed):
+    if len(s.rules) == 1 and s.rules[0][0] in RULES:
+      sweeps.setdefault((s.rules[0][0], s.temperature), []).append(k)
+  kept = {}
+  for (rule, t), members in sweeps.items():
+    tr = cj.truncate(z, rule, cj.sweep([parsed[k].rules[0][1] for k in members]),
+                     temperature=t, valid_mask=m)
+    for j, k in enumerate(members):
+      kept[k] = (tr.keep[j], tr.kept_mass[j], tr.validity[j])
   for k, spec in enumerate(specs):
-    tr = cj.truncate_chain(z, spec, valid_mask=m, max_valid=cap)
-    s = cj.Sampler.parse(spec)
-    a = z.astype(np.float64) / s.temperature
+    if k not in kept:
+      tr = cj.truncate_chain(z, spec, valid_mask=m, max_valid=cap)
+      kept[k] = (tr.keep, tr.kept_mass, tr.validity)
+    keep, kept_mass, validity = map(np.asarray, kept[k])
+    a = z.astype(np.float64) / parsed[k].temperature
     p = np.exp(a - a.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    want = np.where(np.asarray(tr.keep), p, 0.0) / np.asarray(tr.kept_mass, np.float64)[:, None]
+    want = np.where(keep, p, 0.0) / kept_mass.astype(np.float64)[:, None]
     for b in range(len(z)):
       ids = idx[b][idx[b] >= 0]
       np.testing.assert_allclose(probs[k, b, :len(ids)], want[b, ids], rtol=2e-5, atol=1e-7,
                                  err_msg=f"{spec} row {b}")
-    np.testing.assert_allclose(invalid[k], 1.0 - np.asarray(tr.validity), atol=2e-6,
-                               err_msg=spec)
+    np.testing.assert_allclose(invalid[k], 1.0 - validity, atol=2e-6, err_msg=spec)
 
 
 def test_engine_pass_equals_truncate_chain_per_sampler():
