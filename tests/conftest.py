@@ -4,16 +4,23 @@ The tests compile with LLVM's optimisation level 0 (``--xla_backend_optimization
 XLA's own HLO passes all run): compiling, not running, is most of the suite's time on CPU,
 and the suite ran 17% faster so (BUILD_NOTES.md). Every comparison is between results of the
 same configuration or against references within tolerances; the binaries, the benchmark and
-users run at XLA's default level.
+users run at XLA's default level. Compiled programs are shared through JAX's persistent
+cache in the system's temporary folder (``calibjax-tests-jax-cache``).
 """
 
 import contextlib
 import os
 import pickle
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# one persistent compilation cache for both xdist workers and the processes tests start (the
+# binaries, jax.distributed, the lower bounds' suite): many programs are compiled by several
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "calibjax-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
