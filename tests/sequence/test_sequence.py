@@ -294,3 +294,26 @@ def test_cuts_carried_to_the_logit_keep_the_top_token():
                         "carried_cut_case; carried_cut_case()"], env=env, capture_output=True,
                        text=True, cwd=os.path.join(os.path.dirname(__file__), "..", ".."))
   assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_monte_carlo_draws_equal_the_keep_mask_draws():
+  """:func:`monte_carlo.next_tokens` cuts a single logit-score rule on ``a`` and draws from it
+  without a keep mask: the same draws as ``categorical`` over :func:`calibjax.truncate_chain`'s
+  keep mask, for every such rule (edge values included, T ≠ 1), and only kept tokens."""
+  import jax
+  import jax.numpy as jnp
+  import calibjax as cj
+  from calibjax.core import sampling
+  from calibjax.sequence.monte_carlo import next_tokens
+  rng = np.random.default_rng(8)
+  z = jnp.asarray((rng.standard_normal((64, 3001)) * 3).astype(np.float32))
+  key = jax.random.key(2)
+  for spec in ("top_k=1,t=0.7", "top_k=40,t=1.3", "top_p=0.5,t=0.7", "top_p=0.99,t=1.3",
+               "min_p=0.2,t=0.7", "epsilon=0.001,t=1.3", "eta=0.01,t=0.7",
+               "top_n_sigma=1,t=1.3", "top_p=1"):
+    s = cj.Sampler.parse(spec)
+    keep = cj.truncate_chain(z, s).keep
+    want = sampling.categorical(key, jnp.where(keep, z / s.temperature, -jnp.inf))
+    got = next_tokens(key, z, None, s)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=spec)
+    assert np.asarray(keep)[np.arange(64), np.asarray(got)].all(), spec
