@@ -26,7 +26,9 @@ Expected output: tables of times (ms) and ratios, and two files:
   enumeration for 64 samplers (7 rules and oracle_rank × 8 values, T = 1; wall time cold and
   compiled, nodes, bound reached, time by stage: model, sampler probabilities, validity
   index, host) against 1,000 Monte Carlo answers of one sampler:
-  ``exact_over_forward_floor`` (nodes/s over ``extend`` alone on the same node batches),
+  ``exact_over_forward_floor`` (nodes/s over the model's alone on the same node batches:
+  the engine's own ``branch``/``extend`` calls replayed; ``whole_paths_floor_nodes_per_s``:
+  ``extend`` on each node's whole path, as before the tree cache),
   ``mc_over_decode_floor`` (sampled tokens/s over greedy decoding at the same batch),
   ``mc1000_one_sampler_over_exact_64_samplers``. ``--model=random:<folder>`` (what
   ``experiments/device/prepare.py`` writes): the packaged model's shapes with random weights,

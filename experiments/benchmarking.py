@@ -27,6 +27,7 @@ import calibjax_kernels as kernels
 from calibjax.core import dispatch, order, selection, shape
 from calibjax.core.rows import map_rows
 from calibjax.core.rules import REGISTRY
+from calibjax.models.language_model import pad_rows
 from calibjax.testing import references as numpy_reference
 
 
@@ -425,26 +426,38 @@ def load_benchmark_model(name: str):
 
 class _Stages:
   """Wall time of the exact engine's stages, each call waited for (the engine waits for each
-  batch anyway): ``extend`` (the model at a batch of nodes: forward and vocabulary
-  projection), ``sampler_probs`` (every sampler's probabilities of the valid tokens),
-  ``validity_index`` (the task's index over the vocabulary); the rest is host bookkeeping.
-  Also records each ``extend`` call's inputs, to replay them as the floor."""
+  batch anyway): ``model`` (the model at a batch of nodes, ``branch`` or ``extend``: forward
+  and vocabulary projection), ``sampler_probs`` (every sampler's probabilities of the valid
+  tokens), ``validity_index`` (the task's index over the vocabulary); the rest is host
+  bookkeeping. Also records each model call's inputs, to replay them as the floor, and each
+  batch's nodes (``nodes``: how many were evaluated, spare rows excluded; ``paths``: their
+  rows as :meth:`LanguageModel.extend` would run them whole)."""
 
   def __init__(self, lm):
     from calibjax.sequence import probabilities, tree
-    self.seconds, self.calls = {}, []
+    self.seconds, self.calls, self.paths, self.nodes = {}, [], [], 0
     self._undo = []
-    self._wrap(lm, "extend", "extend", record=True)
+    for name in ("extend", "branch"):
+      self._wrap(lm, name, "model", record=True)
     self._wrap(probabilities.ValidTokenProbs, "__call__", "sampler_probs")
     self._wrap(tree, "ValidityIndex", "validity_index")
+    forward = tree.NodeEvaluator.forward
+
+    def counted(evaluator, nodes):
+      self.nodes += len(nodes)
+      rows = [(evaluator.last,) + node.path for node in nodes]
+      self.paths.append(rows + rows[:1] * (evaluator.batch_size - len(rows)))
+      return forward(evaluator, nodes)
+    tree.NodeEvaluator.forward = counted
+    self._undo.append(lambda: setattr(tree.NodeEvaluator, "forward", forward))
 
   def _wrap(self, owner, name, stage, record=False):
     original = getattr(owner, name)
-    self.seconds[stage] = 0.0
+    self.seconds.setdefault(stage, 0.0)
 
     def timed(*args, **kwargs):
       if record:
-        self.calls.append((args[1], args[2]))
+        self.calls.append((name, args[1:]))
       start = time.perf_counter()
       out = jax.block_until_ready(original(*args, **kwargs))
       self.seconds[stage] += time.perf_counter() - start
@@ -453,20 +466,31 @@ class _Stages:
     self._undo.append(lambda: setattr(owner, name, original))
 
   def close(self):
-    for undo in self._undo:
+    for undo in self._undo[::-1]:
       undo()
 
 
-def _forward_floor_s(lm, calls, cache) -> float:
-  """The model alone on the exact engine's node batches: ``extend`` (forward and vocabulary
-  projection) replayed on the recorded inputs, best of two."""
+def _best_of_two(run) -> float:
   best = math.inf
   for _ in range(2):
     start = time.perf_counter()
-    for ids, mask in calls:
-      jax.block_until_ready(lm.extend(cache, ids, mask))
+    run()
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def _forward_floors_s(lm, stages, cache) -> tuple[float, float]:
+  """The model alone on the exact engine's node batches, best of two: its own calls replayed
+  (``branch`` on the tree cache, or ``extend``), and ``extend`` on each node's whole path
+  (the engine before the tree cache)."""
+  def replay():
+    for name, args in stages.calls:
+      jax.block_until_ready(getattr(lm, name)(cache, *args))
+
+  def whole_paths():
+    for rows in stages.paths:
+      jax.block_until_ready(lm.extend(cache, *pad_rows(rows)))
+  return _best_of_two(replay), _best_of_two(whole_paths)
 
 
 def _decode_floor(lm, prompt_ids, rows: int, steps: int) -> float:
@@ -491,8 +515,8 @@ SEQUENCE_TARGETS = {"exact_over_forward_floor": (">=", 0.5), "mc_over_decode_flo
 def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) -> dict:
   """Exact enumeration for 64 samplers and ``mc_samples`` Monte Carlo answers of one sampler
   on ``cfg.model`` (loaded beforehand), each against its floor: the exact engine's nodes per
-  second (its second run, compiled; the first is ``exact_cold_s``) over ``extend`` alone on
-  the same node batches, Monte Carlo's sampled tokens per second (compilation included) over
+  second (its second run, compiled; the first is ``exact_cold_s``) over the model's alone on
+  the same node batches (the engine's own calls replayed; ``extend`` on whole paths too), Monte Carlo's sampled tokens per second (compilation included) over
   greedy decoding at the same batch size (compiled); the exact engine's time by stage
   (:class:`_Stages`); and ``mc1000_one_sampler_over_exact_64_samplers``, both runs cold."""
   from calibjax import sequence, tasks
@@ -517,11 +541,10 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   _, cold_s, _ = run_exact()  # compilation included
   log("exact enumeration again, compiled")
   res, exact_s, stages = run_exact()
-  log(f"forward floor: {len(stages.calls)} extend calls replayed")
+  log(f"forward floor: {len(stages.calls)} model calls replayed")
   prompt = prompts.resolve(lm, task, None)
   _, _, cache = lm.prefill(np.asarray([list(prompt.ids)[:-1]]), max_new_tokens=25)
-  floor_s = _forward_floor_s(lm, stages.calls, cache)
-  nodes = sum(int(np.asarray(mask).any(axis=1).sum()) for _, mask in stages.calls)
+  floor_s, whole_paths_s = _forward_floors_s(lm, stages, cache)
   log(f"Monte Carlo, {cfg.mc_samples} samples of {cfg.mc_sampler}")
   # every batch draws a token per sample at each step and decodes between steps: the tokens
   # drawn are the samples plus the rows of every decoding call
@@ -553,8 +576,9 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
       "bound_reached": res.bound_reached,
       "max_unexplored_mass": max(r.unexplored_mass for r in res.samplers),
       "exact_stages_s": breakdown,
-      "exact_nodes_per_s": res.nodes_expanded / exact_s,
-      "forward_floor_nodes_per_s": nodes / floor_s,
+      "nodes_evaluated": stages.nodes, "exact_nodes_per_s": stages.nodes / exact_s,
+      "forward_floor_nodes_per_s": stages.nodes / floor_s,
+      "whole_paths_floor_nodes_per_s": stages.nodes / whole_paths_s,
       "mc_s": mc_s, "mc_tokens_drawn": drawn[0], "mc_tokens_per_s": drawn[0] / mc_s,
       "decode_floor_tokens_per_s": decode_tokens_per_s,
       "mc_seq_validity": mc.seq_validity, "mc_seq_validity_ci": mc.seq_validity_ci,

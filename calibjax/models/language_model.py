@@ -11,7 +11,7 @@ from flax import nnx
 
 from calibjax import errors
 from calibjax.core.rows import spread
-from calibjax.models.decoder import Decoder, DecoderConfig, KVCache
+from calibjax.models.decoder import LINEAR, Decoder, DecoderConfig, KVCache
 
 
 def bucket(n: int, minimum: int = 16) -> int:
@@ -45,6 +45,9 @@ class LanguageModel:
   - ``decode(cache, tokens_b) -> (logits [B, V], hidden [B, d], cache)``;
   - ``extend(cache, ids_bt, mask) -> (last logits [B, V], last hidden [B, d])``: B
     continuations of one shared prefix (a batch-1 cache), which is left unchanged;
+  - ``branch(cache, path_kv, path_pos, tokens_b) -> (logits [B, V], hidden [B, d], the
+    token's keys and values [B, L, 2, KV, hd])``: one token per row after the shared prefix
+    and the row's own cached path (a tree of continuations; attention-only models);
   - ``repeat(cache, n)``: a batch-1 cache copied into ``n`` rows (one prompt, many samples);
   - ``greedy(ids_bt, mask, new_tokens) -> [B, new_tokens]`` greedy decoding in one call.
 
@@ -77,6 +80,25 @@ class LanguageModel:
     ids, mask, cache = spread((ids, mask, cache))
     logits, hidden, _ = model(ids, mask, cache, at=_last_real(mask))
     return logits, hidden
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def _branch(self, state, cache, path_kv, path_pos, tokens):
+    model = nnx.merge(self._graph, state)
+    b = tokens.shape[0]
+    zero = jnp.zeros((), cache.index.dtype)
+    rows = lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:])
+    layers = tuple(tuple(jax.lax.dynamic_update_slice(rows(x), path_kv[:, :, l, j].astype(x.dtype),
+                                                      (zero, cache.index, zero, zero))
+                         for j, x in enumerate(kv)) for l, kv in enumerate(cache.layers))
+    pos = jax.lax.dynamic_update_slice(rows(cache.pos), path_pos, (zero, cache.index))
+    cache = KVCache(layers=layers, pos=pos, index=cache.index + path_pos.shape[1])
+    ids = tokens[:, None]
+    ids, cache = spread((ids, cache))
+    logits, hidden, new = model(ids, jnp.ones_like(ids, bool), cache,
+                                at=jnp.zeros(b, jnp.int32))
+    own = jnp.stack([jnp.stack([k[:, cache.index], v[:, cache.index]], axis=1)
+                     for k, v in new.layers], axis=1)
+    return logits, hidden, own
 
   def _check(self, ids):
     ids = np.asarray(ids)
@@ -128,6 +150,36 @@ class LanguageModel:
     pad = ((0, 0), (0, t - ids.shape[1]))
     return self._extend(self._state, cache, jnp.asarray(np.pad(ids, pad)),
                         jnp.asarray(np.pad(mask, pad)))
+
+  def branch(self, cache: KVCache, path_kv, path_pos, tokens):
+    """One token per row after the prefix held by the batch-1 ``cache`` and the row's own
+    path, whose keys and values (as returned by earlier calls) come in ``path_kv [B, P, L, 2,
+    KV, hd]`` at positions ``path_pos [B, P]`` (−1: padding, anywhere in the row). Returns the
+    logits ``[B, V]``, hidden states ``[B, d]`` and the token's own keys and values ``[B, L,
+    2, KV, hd]``, so a tree of continuations runs one token per node: each node's path is
+    computed once, not again for each of its descendants (:func:`extend` runs the whole
+    path). ``cache`` is not modified. Attention-only models: a Gated DeltaNet layer's state
+    is not a per-token cache."""
+    if LINEAR in self.config.layer_types:
+      raise errors.InputError("branch() needs an attention-only model; this one has Gated "
+                              "DeltaNet layers (use extend()).")
+    if cache.pos.shape[0] != 1:
+      raise errors.ShapeMismatchError(f"branch() needs a batch-1 prefix cache, got batch "
+                                      f"{cache.pos.shape[0]}.")
+    tokens = self._check(np.asarray(tokens)[:, None])[:, 0]
+    path_pos = np.asarray(path_pos, np.int32)
+    want = (len(tokens), path_pos.shape[1], self.config.layers, 2, self.config.kv_heads,
+            self.config.head_dim)
+    if np.shape(path_kv) != want or path_pos.shape != want[:2]:
+      raise errors.ShapeMismatchError(f"branch(): path_kv {np.shape(path_kv)} and path_pos "
+                                      f"{path_pos.shape} must be {want} and {want[:2]}.")
+    room = cache.pos.shape[1] - int(cache.index)
+    if path_pos.shape[1] + 1 > room:
+      raise errors.InputError(f"branch(): a path of {path_pos.shape[1]} slots and its token "
+                              f"do not fit the {room} free cache slots; prefill with a larger "
+                              "max_new_tokens.")
+    return self._branch(self._state, cache, jnp.asarray(path_kv), jnp.asarray(path_pos),
+                        jnp.asarray(tokens, jnp.int32))
 
   @functools.partial(jax.jit, static_argnums=(0, 4))
   def _greedy(self, state, logits, cache, steps):

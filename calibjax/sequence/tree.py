@@ -6,7 +6,7 @@ terminator`` (as decided by the task's validity index). :class:`Tree` makes node
 node's children, the prefixes of a path) and reads answers off their text;
 :class:`BestFirst` hands nodes out by priority (the exact engine, ``diagnose``);
 :class:`NodeEvaluator` runs the model on batches of nodes on top of the prompt's KV cache,
-computed once.
+computed once, and of the keys and values each node's own token left (a tree cache).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import math
 import numpy as np
 
 from calibjax import errors
-from calibjax.models.language_model import pad_rows
+from calibjax.core.rows import to_host
+from calibjax.models.decoder import LINEAR
+from calibjax.models.language_model import bucket, pad_rows
 from calibjax.tasks import Task
 from calibjax.tasks.validity import ValidityIndex
 
@@ -125,25 +127,65 @@ def canonical_paths(task: Task, tokenizer) -> list[tuple[int, ...]]:
 
 class NodeEvaluator:
   """The model at valid-prefix tree nodes: the prompt's KV cache is computed once and every
-  batch of node paths runs on top of it (``batch_size`` rows per call, a fixed shape)."""
+  batch of nodes runs on top of it (``batch_size`` rows per call, a fixed shape).
+
+  A tree cache: each node's call keeps the keys and values of the node's own token (on the
+  host, ``cache_bytes`` at most), so a node whose parent ran before runs one token on its
+  ancestors' keys and values (:meth:`LanguageModel.branch`) instead of its whole path. A batch
+  with a node whose parent did not run, and models with Gated DeltaNet layers (whose state is
+  not kept per token), run whole paths (:meth:`LanguageModel.extend`); the logits agree to
+  float32 rounding."""
 
   def __init__(self, lm, prompt_ids, tree: Tree, batch_size: int = 32, max_depth: int = 24,
-               head=None):
+               head=None, cache_bytes: int = 2 << 30):
     if len(prompt_ids) < 2:
       raise errors.InputError("the prompt is empty: it must hold at least one token after BOS.")
     self.lm, self.tree, self.batch_size, self.head = lm, tree, batch_size, head
     self.last = int(prompt_ids[-1])  # each path restarts from it: the root is a path too
+    self.base = len(prompt_ids) - 1  # its position
     _, _, self.cache = lm.prefill(np.asarray([prompt_ids[:-1]]), max_new_tokens=max_depth + 1)
+    self.own_kv: dict[tuple[int, ...], np.ndarray] | None = (
+        None if LINEAR in lm.config.layer_types else {})
+    self.cache_bytes = cache_bytes
+    self.kept_bytes = 0
 
   def forward(self, nodes: list[Node]):
     """``(logits [batch_size, V], hidden [batch_size, d], valid masks [batch_size, V])``
     (logits through the head when there is one); rows past ``len(nodes)`` repeat the first
     node."""
     n = len(nodes)
-    rows = [(self.last,) + node.path for node in nodes]
-    ids, mask = pad_rows(rows + rows[:1] * (self.batch_size - n))
-    logits, hidden = self.lm.extend(self.cache, ids, mask)
+    nodes = nodes + nodes[:1] * (self.batch_size - n)
+    own = self.own_kv
+    if own is not None and all(not node.path or node.path[:-1] in own for node in nodes):
+      logits, hidden = self._branch(nodes[:n], nodes)
+    else:
+      ids, mask = pad_rows([(self.last,) + node.path for node in nodes])
+      logits, hidden = self.lm.extend(self.cache, ids, mask)
     if self.head is not None:
       logits = self.head(hidden, logits)
-    valid = [self.tree.valid_mask(node) for node in nodes]
-    return logits, hidden, np.stack(valid + valid[:1] * (self.batch_size - n))
+    return logits, hidden, np.stack([self.tree.valid_mask(node) for node in nodes])
+
+  def _branch(self, new, nodes):
+    """Each node's last token on its ancestors' kept keys and values; keeps the ``new``
+    nodes' own."""
+    own = self.own_kv
+    depth = max(len(node.path) for node in nodes)
+    width = bucket(depth + 1, minimum=1) - 1  # path slots: few shapes, one compile each
+    kv = np.zeros((len(nodes), width) + self._shape(), self.lm.dtype)
+    pos = np.full((len(nodes), width), -1, np.int32)
+    for i, node in enumerate(nodes):
+      for j in range(len(node.path)):
+        kv[i, j] = own[node.path[:j]]
+      pos[i, :len(node.path)] = self.base + np.arange(len(node.path))
+    tokens = [node.path[-1] if node.path else self.last for node in nodes]
+    logits, hidden, token_kv = self.lm.branch(self.cache, kv, pos, tokens)
+    token_kv = to_host(token_kv)
+    for node, row in zip(new, token_kv):
+      if self.kept_bytes + row.nbytes <= self.cache_bytes and node.path not in own:
+        own[node.path] = row
+        self.kept_bytes += row.nbytes
+    return logits, hidden
+
+  def _shape(self):
+    c = self.lm.config
+    return (c.layers, 2, c.kv_heads, c.head_dim)

@@ -95,6 +95,39 @@ def test_extend_continues_a_shared_prefix_and_leaves_it_unchanged(lm):
     np.testing.assert_allclose(np.asarray(step[i]), want, atol=2e-5)
 
 
+def test_branch_runs_a_tree_one_token_per_node(lm):
+  """Each node's token on the prompt's cache and the keys and values its ancestors' calls
+  returned: the logits of the whole path run after the prompt, at depths 0-6 (past the
+  sliding window of 5), with padding slots inside the rows."""
+  rng = np.random.default_rng(3)
+  c = tiny.CONFIG
+  prompt = rng.integers(4, 260, 5)
+  _, _, cache = lm.prefill(prompt[:-1][None], max_new_tokens=16)
+  tree = {(): None}  # path -> the keys and values of its last token (prompt[-1] at the root)
+  base = len(prompt) - 1  # the position of prompt[-1]
+  for depth in range(7):
+    nodes = [p for p in tree if len(p) == depth]
+    width = depth + depth % 2  # odd depths: one padding slot first in every row
+    kv = np.zeros((len(nodes), width, c.layers, 2, c.kv_heads, c.head_dim), np.float32)
+    pos = np.full(kv.shape[:2], -1)
+    for i, p in enumerate(nodes):
+      for j in range(depth):
+        kv[i, j + width - depth], pos[i, j + width - depth] = tree[p[:j]], base + j
+    tokens = [p[-1] if p else prompt[-1] for p in nodes]
+    logits, hidden, own = lm.branch(cache, kv, pos, tokens)
+    for i, p in enumerate(nodes):
+      want = np.asarray(lm.logits(np.concatenate([prompt, p]).astype(int)[None]))[0, -1]
+      np.testing.assert_allclose(np.asarray(logits[i]), want, atol=3e-5, err_msg=str(p))
+      tree[p] = np.asarray(own[i])
+      for t in rng.choice(np.arange(4, 260), 1 + (depth < 2), replace=False):
+        tree[p + (int(t),)] = None
+  assert hidden.shape == (len(nodes), c.hidden) and len(tree) > 20
+  with pytest.raises(errors.ShapeMismatchError, match="path_kv"):
+    lm.branch(cache, kv[:, :, :1], pos, tokens)
+  with pytest.raises(errors.InputError, match="free cache slots"):
+    lm.branch(cache, np.zeros((1, 40) + kv.shape[2:]), np.zeros((1, 40)), [5])
+
+
 def test_sliding_window_limits_what_a_local_layer_sees():
   cfg = dataclasses.replace(tiny.CONFIG, layers=1, sliding_window=4)  # one local layer
   m = tiny.model(cfg=cfg)
