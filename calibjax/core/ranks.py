@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from calibjax.core import dispatch, inputs, pytree
 from calibjax.core.rows import map_rows
-from calibjax.core.selection import histogram
+from calibjax.core.selection import histogram, top_values
 
 METHODS = ("threshold", "sort")
 
@@ -50,33 +50,13 @@ class ValidRanks:
   p_max: jax.Array | None = None     # [...] largest probability
 
 
-_BLOCK = 128
-
-
-def _top_valid(z: jax.Array, m: jax.Array, k: int) -> jax.Array:
-  """The k largest entries of ``where(m, z, -inf)``, descending.
-
-  With at most k valid tokens, they lie in at most k blocks of 128 tokens, and those blocks
-  are among the k blocks with the largest masked maximum: ``top_k`` over block maxima, then
-  over the k gathered blocks, is exact and ~6x faster on CPU than ``top_k`` over the row.
-  """
-  x = jnp.where(m, z, -jnp.inf)
-  blocks = -(-x.shape[-1] // _BLOCK)
-  if k >= blocks // 2:
-    return jax.lax.top_k(x, k)[0]
-  x = jnp.pad(x, (0, blocks * _BLOCK - x.shape[-1]), constant_values=-jnp.inf)
-  x = x.reshape(blocks, _BLOCK)
-  chosen = jax.lax.top_k(jnp.max(x, axis=-1), k)[1]
-  return jax.lax.top_k(x[chosen].reshape(-1), k)[0]
-
-
 def _sorted_valid(z: jax.Array, m: jax.Array, cap: int):
   """Valid logits of one row ascending in ``cap`` slots (``+inf`` padded), and their count.
 
   Exact while ``n < cap``; larger rows are flagged by ``capacity_ok``."""
   n = jnp.sum(m, dtype=jnp.int32)
   k = min(cap - 1, z.shape[-1])
-  top = _top_valid(z, m, k)  # descending; a valid -inf equals the -inf fill, as it should
+  top = top_values(jnp.where(m, z, -jnp.inf), k)  # a valid -inf equals the fill
   j = jnp.arange(cap)
   s = jnp.where(j < n, jnp.take(top, jnp.clip(n - 1 - j, 0, k - 1)), jnp.inf)
   return s, n
@@ -112,29 +92,50 @@ def _softmax(z, temperature):
   return e / total, prob
 
 
-def _row_threshold(z, m, cap, temperature):
-  s, n = _sorted_valid(z, m, cap)
+def _slot_sums(s, z, weights):
+  """Per slot of ``s`` (``C`` slots, last ``+inf``): ``(Σ w over z_u > s_j, Σ w over z_u =
+  s_j)`` for each weight column (None: counts), each token located once."""
+  cap = s.shape[-1]
   b, tied = _locate(s, z)
-  # One histogram over 2C cells: cell b (not tied to s_b) or C + b (tied).
+  # One histogram over 2C cells: cell b (not tied to s_b) or C + b (tied). Few slots: most
+  # tokens share cell 0 (below every valid logit), which histogram() splits; at 512 slots
+  # its copies cost more than they save (measured on real rows: 95 vs 130 ms)
   cell = b + cap * tied
-  # few slots: most tokens share cell 0 (below every valid logit), which histogram() splits;
-  # at 512 slots its copies cost more than they save (measured on real rows: 95 vs 130 ms)
-  count = ((lambda w=None: histogram(cell, 2 * cap, w)) if cap <= 64 else
-           (lambda w=None: jnp.bincount(cell, weights=w, length=2 * cap)))
-  cells = count()
   lo = jnp.searchsorted(s, s, side="left")
   hi = jnp.searchsorted(s, s, side="right")
-
-  def at_slots(hist):  # (strictly above s_j, equal to s_j) from per-cell sums
+  out = []
+  for w in weights:
+    hist = (histogram(cell, 2 * cap, w) if cap <= 64 else
+            jnp.bincount(cell, weights=w, length=2 * cap))
     above = jnp.cumsum((hist[:cap] + hist[cap:])[::-1])[::-1]  # above[k] = Σ_{b_u >= k}
-    return (jnp.take(jnp.append(above, 0), hi),           # z_u > s_j  <=>  b_u >= hi_j
-            jnp.take(hist[cap:], jnp.clip(lo, 0, cap - 1)))
-  gt_all, eq_all = at_slots(cells)
-  out = _finish(z, m, s, n, gt_all, eq_all, lo, hi)
+    out.append((jnp.take(jnp.append(above, 0), hi),           # z_u > s_j  <=>  b_u >= hi_j
+                jnp.take(hist[cap:], jnp.clip(lo, 0, cap - 1))))
+  return out
+
+
+# A row whose valid logits fit fewer slots is counted in those (comparisons instead of a
+# binary search; on real rows most nodes have a handful of valid tokens), the rest padded.
+_FEWER_SLOTS = (16, 64)
+
+
+def _row_threshold(z, m, cap, temperature):
+  s, n = _sorted_valid(z, m, cap)
+  p, prob = _softmax(z, temperature) if temperature is not None else (None, None)
+  weights = (None,) if temperature is None else (None, p)
+
+  def in_slots(c):  # slots from c on are padding: they repeat slot c - 1's sums
+    grow = lambda x: jnp.concatenate([x, jnp.broadcast_to(x[-1:], (cap - c,))])
+    return lambda: jax.tree.map(grow, _slot_sums(s[:c], z, weights))
+  sizes = [c for c in _FEWER_SLOTS if c < cap] + [cap]
+  # the fewest slots holding the n valid logits and a +inf
+  sums = jax.lax.switch(sum((n >= c).astype(jnp.int32) for c in sizes[:-1]),
+                        [in_slots(c) for c in sizes])
+  lo = jnp.searchsorted(s, s, side="left")
+  hi = jnp.searchsorted(s, s, side="right")
+  out = _finish(z, m, s, n, *sums[0], lo, hi)
   if temperature is None:
     return out
-  p, prob = _softmax(z, temperature)
-  gt_mass, eq_mass = at_slots(count(p))
+  gt_mass, eq_mass = sums[1]
   return out.replace(gt_mass=gt_mass, eq_mass=eq_mass, p_slot=prob(s), p_max=jnp.max(p))
 
 

@@ -336,5 +336,5 @@ REGISTRY: dict[str, Rule] = {r.name: r for r in (
 
 # The sampling rules in their fixed application order (the ``generate()`` order); the oracles.
 RULES = tuple(name for name, r in REGISTRY.items() if not r.oracle)
-ORACLE_SET, ORACLE_RANK = "oracle_set", "oracle_rank"
+ORACLE_SET, ORACLE_RANK, TOP_K = "oracle_set", "oracle_rank", "top_k"
 ORACLES = (ORACLE_SET, ORACLE_RANK)

@@ -16,7 +16,7 @@ import numpy as np
 from calibjax import errors
 from calibjax.core import double_float, oracle, selection, truncation
 from calibjax.core.rows import map_rows
-from calibjax.core.rules import (ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES,
+from calibjax.core.rules import (ORACLE_RANK, ORACLE_SET, ORACLES, REGISTRY, RULES, TOP_K,
                                  logit_threshold, softmax_parts)
 from calibjax.models.language_model import bucket
 
@@ -55,6 +55,22 @@ def _oracle_rank_cuts(z, m, specs, cap):
                                                     jnp.float32), t, cap)
       cuts.append(jnp.moveaxis(jnp.where(o.defined, o.z_star, -jnp.inf), 0, -1))
   return jnp.concatenate(cuts, axis=-1)
+
+
+# top_k values up to this are cut at the k-th largest of the row's largest values (a blocked
+# top_k: ~5 vs ~37 ms per 32 rows of 262,144 for the radix selection of select_value)
+_TOP_VALUES = 1024
+
+
+def kth_largest(a, alive, ks):
+  """``top_k``'s cut for each static ``k`` in ``ks``: the k-th largest alive value of ``a``
+  (multiplicities counted), clamped to the alive range as
+  :func:`calibjax.core.rules.select_value` clamps it (every alive token when fewer)."""
+  top = selection.top_values(a, min(max(ks), a.shape[-1]))
+  lowest = jnp.min(jnp.where(alive, a, jnp.inf))
+  kth = jnp.take(top, jnp.asarray([min(k, top.shape[0]) - 1 for k in ks]))
+  kth = jnp.where(jnp.asarray([k <= top.shape[0] for k in ks]), kth, lowest)
+  return jnp.clip(kth, lowest, jnp.max(a))
 
 
 def _row_valid_probs(z, m, idx, real, cuts, specs):
@@ -101,6 +117,10 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
         on_cut = real[None, :] & (jnp.take(z, idx)[None, :] == z_star[:, None])
         hi = jnp.max(jnp.where(on_cut, jnp.take(a, idx)[None, :], -jnp.inf), axis=-1)
         lo = jnp.zeros(len(members), jnp.float32)
+      elif rule == TOP_K and max(values := [int(specs[k].rules[0][1]) for k in members]) <= (
+          _TOP_VALUES):  # the k-th largest a, read off the row's largest values
+        on_a.append((members, kth_largest(a, alive, values)))
+        continue
       else:
         hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
       x, theta, _, consts = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))

@@ -216,3 +216,34 @@ def test_blocked_selection_of_valid_logits(vocab, n_valid):
   m[2, rng.choice(vocab, n_valid, replace=False)] = True
   z[2, m[2]] = -np.inf                            # valid tokens with probability 0
   assert_order_matches(z, m)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_rows_with_few_valid_tokens_count_in_fewer_slots(ties):
+  """A row whose valid logits fit 16 or 64 slots is counted in those and padded to the
+  capacity: every count and mass equals the sort reference's, for rows on both sides of
+  each size (n = 15 | 16, 63 | 64), -inf logits included; the masses equal float64 sums."""
+  from calibjax.core.ranks import valid_ranks
+  rng = np.random.default_rng(7)
+  sizes = (0, 1, 15, 16, 40, 63, 64, 200)
+  z, m = random_case(rng, len(sizes), 400, ties=ties, neg_inf=0.05)
+  m[:] = False
+  for row, n in enumerate(sizes):
+    m[row, rng.choice(400, n, replace=False)] = True
+  z, m = jnp.asarray(z), jnp.asarray(m)
+  t = jnp.full(len(sizes), 0.7)
+  got = valid_ranks(z, m, 256, "threshold", t)
+  want = valid_ranks(z, m, 256, "sort", t)
+  for f in ("s", "n_valid", "gt_all", "eq_all", "gt_val", "eq_val", "capacity_ok"):
+    np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f)),
+                                  err_msg=f)
+  for f in ("p_slot", "p_max"):
+    np.testing.assert_allclose(np.asarray(getattr(got, f)), np.asarray(getattr(want, f)),
+                               rtol=1e-5, err_msg=f)
+  z64 = np.asarray(z, np.float64) / 0.7
+  p = np.exp(z64 - z64.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  s = np.asarray(got.s, np.float64)[:, :, None] / 0.7
+  for f, kept in (("gt_mass", z64[:, None] > s), ("eq_mass", z64[:, None] == s)):
+    np.testing.assert_allclose(np.asarray(getattr(got, f)), (kept * p[:, None]).sum(-1),
+                               rtol=1e-5, atol=1e-12, err_msg=f)

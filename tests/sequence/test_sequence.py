@@ -266,6 +266,31 @@ def test_engine_pass_equals_truncate_chain_per_sampler():
   _engine_pass_equals_truncate_chain(z, m, specs, 16)
 
 
+def test_kth_largest_equals_the_radix_selection():
+  """``top_k``'s cut from the row's largest values (blocked ``top_k``) equals
+  :func:`calibjax.core.rules.select_value`'s on counts: ties at the cut, −inf logits, more
+  k than alive tokens, k past the vocabulary."""
+  import jax
+  import jax.numpy as jnp
+  from calibjax.core.rules import select_value
+  from calibjax.sequence.probabilities import kth_largest
+  rng = np.random.default_rng(11)
+  z = rng.integers(-40, 40, (4, 20_000)).astype(np.float32) / 4  # many ties
+  z[1, rng.random(20_000) < 0.99] = -np.inf  # ~200 alive tokens
+  z[2, :] = -np.inf
+  z[2, :3] = (1.0, 1.0, -2.0)
+  z[3, :40] = 30.0  # 40 tied at the top
+  ks = (1, 2, 3, 5, 39, 40, 41, 70, 300)
+  for b, row in enumerate(jnp.asarray(z)):
+    alive = row > -jnp.inf
+    want = select_value(row, alive.astype(jnp.float32), jnp.asarray(ks, jnp.float32), alive)[0]
+    got = jax.jit(lambda r: kth_largest(r, r > -jnp.inf, ks))(row)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"row {b}")
+  small = jnp.asarray(z[0, :100])
+  got = kth_largest(small, small > -jnp.inf, (1, 100, 101, 5000))
+  np.testing.assert_array_equal(np.asarray(got)[1:], np.full(3, np.float32(z[0, :100].min())))
+
+
 def carried_cut_case():
   """Rows where an ulp of z / T decides whether the top token is kept (see below)."""
   rng = np.random.default_rng(0)
