@@ -11,7 +11,8 @@ A target's answer depends only on its own histogram cells, so a sweep returns ex
 per-value results.
 
 :func:`threshold_stats` counts and sums per-token quantities above ``S`` thresholds with one
-histogram per quantity.
+histogram per quantity; :func:`joint_threshold_stats` sums one quantity over the thresholds
+of several scores with one histogram.
 
 Histogram cells that most tokens fall into are split (a spare block in :func:`select`, copies
 in :func:`histogram`): XLA's CPU ``bincount`` adds token by token, and additions to one cell
@@ -19,6 +20,8 @@ wait on each other.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -140,3 +143,39 @@ def threshold_stats(x: jax.Array, alive: jax.Array, thresholds: jax.Array,
     suffix = jnp.cumsum(hist[::-1])[::-1]  # suffix[i] = Σ_{passed >= i}
     out.append(suffix[1:][rank])          # sorted threshold i is passed by `passed >= i+1`
   return tuple(out)
+
+
+_JOINT_CELLS = 8192  # a larger joint grid: one histogram per score
+
+
+def joint_threshold_stats(xs: tuple[jax.Array, ...], alive: jax.Array,
+                          thresholds: tuple[jax.Array, ...], weights: jax.Array,
+                          part: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+  """:func:`threshold_stats` of one weight column for several scores at once, split in two
+  by ``part``: for each score ``xs[i]`` and each of its thresholds ``θ``, ``(Σ weights over
+  {u : alive_u, xs[i]_u ≥ θ, not part_u}, the same over part_u)``, ``[S_i]`` each.
+
+  Each token's numbers of passed thresholds (one per score) and its part make one cell of a
+  joint grid, and one :func:`histogram` over the grid serves every score and both parts (a
+  ``bincount`` per score and column otherwise: the samplers' pass made four per temperature)."""
+  if len(xs) > 1 and math.prod(th.shape[0] + 1 for th in thresholds) > _JOINT_CELLS:
+    return [out for i in range(len(xs)) for out in joint_threshold_stats(
+        xs[i:i + 1], alive, thresholds[i:i + 1], weights, part)]
+  cells, sizes = jnp.zeros(weights.shape, jnp.int32), []
+  order = [jnp.argsort(th) for th in thresholds]
+  for x, th, o in zip(xs, thresholds, order):
+    th = th[o]
+    passed = sum((th[j] <= x).astype(jnp.int32) for j in range(th.shape[0]))
+    cells = cells + passed * math.prod(sizes)
+    sizes.append(th.shape[0] + 1)
+  grid = math.prod(sizes)
+  cells = jnp.where(alive, cells + grid * part.astype(jnp.int32), 0)
+  hist = histogram(cells, 2 * grid, weights).reshape([2] + sizes[::-1])
+  out = []
+  for i, o in enumerate(order):
+    axis = len(sizes) - i  # score i's axis (the grid is stored last score first)
+    marginal = jnp.sum(hist, axis=tuple(k for k in range(1, len(sizes) + 1) if k != axis))
+    suffix = jnp.cumsum(marginal[:, ::-1], axis=-1)[:, ::-1]  # [2, n + 1]: Σ over passed >= i
+    at = suffix[:, 1:][:, jnp.argsort(o)]
+    out.append((at[0], at[1]))
+  return out

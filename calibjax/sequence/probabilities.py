@@ -80,8 +80,9 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
 
   At each temperature, every rule whose score is the logit or a shift of it (all but
   ``typical`` and ``oracle_set``) has its cuts carried to cuts on ``a = z / T``
-  (:func:`calibjax.core.rules.logit_threshold`, exact), and one ``threshold_stats`` over ``a``
-  counts the kept masses of all of them."""
+  (:func:`calibjax.core.rules.logit_threshold`, exact); one joint histogram
+  (:func:`calibjax.core.selection.joint_threshold_stats`) counts the kept valid and invalid
+  masses of every cut of the temperature, on ``a`` and on ``typical``'s score."""
   out, bad = [None] * len(specs), [None] * len(specs)
   by_temperature: dict = {}
   for (rule, t), members in _groups(specs).items():
@@ -94,16 +95,9 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
     a = jax.lax.optimization_barrier(z / t)
     p = softmax_parts(a)[-1]
     alive = a > -jnp.inf
-    columns = (p, jnp.where(m, 0.0, p))
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
-
-    def assign(members, x, theta, kept, kept_invalid):
-      keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
-      probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
-      for j, k in enumerate(members):
-        out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
-
-    on_a = []  # (members, cuts on a)
+    cut_on = []  # (members, score x, cuts θ on x): the rules' masses, one joint pass
+    on_a = []  # (members, cuts on a): the logit-score rules share the score a
     for rule, members in groups:
       if rule == ORACLE_SET:  # softmax over the valid logits (never underflows)
         a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
@@ -127,15 +121,20 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
       if REGISTRY[rule].score == "logit":
         on_a.append((members, logit_threshold(theta, consts)))
       else:
-        assign(members, x, theta, *selection.threshold_stats(x, alive, theta, columns))
+        cut_on.append((members, x, theta))
     if on_a:
-      theta = jnp.concatenate([th for _, th in on_a])
-      kept, kept_invalid = selection.threshold_stats(a, alive, theta, columns)
-      start = 0
-      for members, th in on_a:
-        part = slice(start, start + len(members))
-        assign(members, a, th, kept[part], kept_invalid[part])
-        start += len(members)
+      cut_on.insert(0, (sum((mb for mb, _ in on_a), []), a,
+                        jnp.concatenate([th for _, th in on_a])))
+    if not cut_on:
+      continue
+    sums = selection.joint_threshold_stats(tuple(x for _, x, _ in cut_on), alive,
+                                           tuple(th for _, _, th in cut_on), p, ~m)
+    for (members, x, theta), (kept_valid, kept_invalid) in zip(cut_on, sums):
+      kept = kept_valid + kept_invalid
+      keep = (jnp.take(x, idx)[None, :] >= theta[:, None]) & jnp.take(alive, idx) & real
+      probs = jnp.where(keep, p_idx / kept[:, None], 0.0)
+      for j, k in enumerate(members):
+        out[k], bad[k] = probs[j], kept_invalid[j] / kept[j]
   return out, bad
 
 
