@@ -113,23 +113,28 @@ def _slot_sums(s, z, weights):
   return out
 
 
-# A row whose valid logits fit fewer slots is counted in those (comparisons instead of a
-# binary search; on real rows most nodes have a handful of valid tokens), the rest padded.
+# A row whose valid logits fit fewer slots is selected and counted in those (fewer top values,
+# comparisons instead of a binary search; on real rows most nodes have a handful of valid
+# tokens), the rest padded.
 _FEWER_SLOTS = (16, 64)
 
 
 def _row_threshold(z, m, cap, temperature):
-  s, n = _sorted_valid(z, m, cap)
+  n = jnp.sum(m, dtype=jnp.int32)
   p, prob = _softmax(z, temperature) if temperature is not None else (None, None)
   weights = (None,) if temperature is None else (None, p)
 
-  def in_slots(c):  # slots from c on are padding: they repeat slot c - 1's sums
-    grow = lambda x: jnp.concatenate([x, jnp.broadcast_to(x[-1:], (cap - c,))])
-    return lambda: jax.tree.map(grow, _slot_sums(s[:c], z, weights))
+  def in_slots(c):  # slots from c on are padding (+inf): they repeat slot c - 1's sums
+    def run():
+      s = _sorted_valid(z, m, c)[0]
+      grow = lambda x, fill: jnp.concatenate([x, jnp.broadcast_to(fill, (cap - c,))])
+      sums = jax.tree.map(lambda x: grow(x, x[-1]), _slot_sums(s, z, weights))
+      return grow(s, jnp.inf), sums
+    return run
   sizes = [c for c in _FEWER_SLOTS if c < cap] + [cap]
   # the fewest slots holding the n valid logits and a +inf
-  sums = jax.lax.switch(sum((n >= c).astype(jnp.int32) for c in sizes[:-1]),
-                        [in_slots(c) for c in sizes])
+  s, sums = jax.lax.switch(sum((n >= c).astype(jnp.int32) for c in sizes[:-1]),
+                           [in_slots(c) for c in sizes])
   lo = jnp.searchsorted(s, s, side="left")
   hi = jnp.searchsorted(s, s, side="right")
   out = _finish(z, m, s, n, *sums[0], lo, hi)
