@@ -139,12 +139,17 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
 
 
 @functools.partial(jax.jit, static_argnames=("specs", "cap"))
-def _valid_token_probs(z, m, idx, real, specs, cap):
+def _valid_token_probs(z, m, idx, real, live, specs, cap):
   """Every sampler's probability of the valid tokens ``idx [B, C]`` (``real`` marks them;
   C covers each row's whole valid set): ``[S, B, C]``, and each sampler's invalid mass
-  ``[S, B]``."""
-  rows, bad = map_rows(lambda *r: _row_valid_probs(*r, specs), z, m, idx, real,
-                       _oracle_rank_cuts(z, m, specs, cap), batch_shape=z.shape[:-1])
+  ``[S, B]``; single rules give zeros at the rows that are not ``live`` (a batch's spare
+  rows), skipped."""
+  def row(*args):
+    run = lambda: _row_valid_probs(*args[:-1], specs)
+    zeros = lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(run))
+    return jax.lax.cond(args[-1], run, zeros)
+  rows, bad = map_rows(row, z, m, idx, real, _oracle_rank_cuts(z, m, specs, cap), live,
+                       batch_shape=z.shape[:-1])
   for (rule, k), members in _groups(specs).items():
     if rule is None:  # chains: the general path
       tr = truncation.truncate_chain(z, specs[k], valid_mask=m, max_valid=cap)
@@ -184,7 +189,7 @@ class ValidTokenProbs:
     idx = np.stack([np.pad(t, (0, self.cap - len(t)), constant_values=-1) for t in tokens])
     probs, invalid = _valid_token_probs(
         logits, jnp.asarray(valid), jnp.asarray(np.maximum(idx, 0)),
-        jnp.asarray(idx >= 0), self.specs, self.cap)
+        jnp.asarray(idx >= 0), jnp.arange(len(idx)) < n, self.specs, self.cap)
     probs = np.asarray(probs, np.float64)[:, :n]
     invalid = np.asarray(invalid, np.float64)[:, :n]
     bad = ~(np.isfinite(probs).all(axis=2) & np.isfinite(invalid))
