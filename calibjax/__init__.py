@@ -26,7 +26,7 @@ from calibjax.core.shape import (GroupMasses, RowStats, ShapeStats, group_masses
                                  shape_stats)
 from calibjax.core.truncation import Sampler, Sweep, Truncation, sweep, truncate, truncate_chain
 
-__version__ = "0.6.0"  # see CHANGELOG.md; setup.py reads it from here
+__version__ = "0.7.0"  # see CHANGELOG.md; setup.py reads it from here
 
 SUBPACKAGES = ("analysis", "models", "recalibration", "sequence", "tasks", "testing")
 _LAZY = {"OracleGap": "calibjax.analysis.gaps", "oracle_gap": "calibjax.analysis.gaps"}
