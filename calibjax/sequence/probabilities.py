@@ -90,9 +90,10 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
       by_temperature.setdefault(t, []).append((rule, members))
   n_cuts = 0
   for t, groups in by_temperature.items():
-    # one a for every consumer: XLA recomputes z / T inside each fusion that reads it, at
-    # times as z · (1/T), an ulp off, and a cut carried to a must meet the same a
-    a = jax.lax.optimization_barrier(z / t)
+    # one a for every consumer, correctly rounded (SPEC: softmax(z / T)): XLA computes z / T
+    # at times as z · (1/T), an ulp off, differently in different fusions, and a cut
+    # carried to a must meet the same a
+    a = jax.lax.optimization_barrier(double_float.divide(z, t))
     p = softmax_parts(a)[-1]
     alive = a > -jnp.inf
     p_idx = jnp.where(real, jnp.take(p, idx), 0.0)
@@ -117,7 +118,7 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
         continue
       else:
         hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
-      x, theta, _, consts = REGISTRY[rule].cut(a, m, hi, lo, lambda: double_float.divide(z, t))
+      x, theta, _, consts = REGISTRY[rule].cut(a, m, hi, lo, lambda: a)
       if REGISTRY[rule].score == "logit":
         on_a.append((members, logit_threshold(theta, consts)))
       else:
