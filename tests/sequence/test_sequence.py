@@ -78,6 +78,49 @@ def test_exact_equals_brute_force_on_a_tiny_model(lm):
   assert oracle.seq_validity == pytest.approx(1.0, abs=1e-6) and oracle.invalid_mass < 1e-9
 
 
+def test_node_evaluator_tree_cache_and_its_fallbacks(lm):
+  """The tree cache (one token per node on its ancestors' keys and values) gives the logits of
+  whole paths: level by level against an evaluator that keeps nothing (``cache_bytes=0``:
+  every node after the root runs its whole path); a batch holding a node and its own child
+  (whose parent has not run) runs whole paths; the cap on kept bytes holds."""
+  from calibjax.sequence.tree import NodeEvaluator, Tree
+  tree = Tree(TASK, lm.tokenizer)
+  prompt = lm.tokenizer.encode(TASK.prompts[0])
+  cached = NodeEvaluator(lm, prompt, tree, batch_size=4)
+  plain = NodeEvaluator(lm, prompt, tree, batch_size=4, cache_bytes=0)
+  calls = {"branch": 0}
+  branch = lm.branch
+
+  def counted(*args):
+    calls["branch"] += 1
+    return branch(*args)
+  lm.branch = counted
+  try:
+    level = [tree.root(np.ones(1))]
+    for depth in range(2):
+      got, _, valid = cached.forward(level)
+      want, _, want_valid = plain.forward(level)
+      np.testing.assert_allclose(np.asarray(got)[:len(level)], np.asarray(want)[:len(level)],
+                                 atol=3e-5, err_msg=f"depth {depth}")
+      np.testing.assert_array_equal(valid, want_valid)
+      level = [tree.child(node, v, node.mass) for node, m in zip(level, valid)
+               for v in np.flatnonzero(m) if v not in tree.eos_ids][:4]
+    assert calls["branch"] == 2 + 1  # the cached evaluator's two levels, the plain's root
+    assert plain.kept_bytes == 0 and len(plain.own_kv) == 0
+    assert 0 < cached.kept_bytes == sum(x.nbytes for x in cached.own_kv.values())
+    # a node not run yet (its parent ran) and its child
+    node, v = next((n, v) for n in level for v in np.flatnonzero(tree.valid_mask(n))
+                   if v not in tree.eos_ids)
+    mixed = [node, tree.child(node, v, node.mass)]
+    got, _, _ = cached.forward(mixed)
+    assert calls["branch"] == 3  # whole paths
+    for row, n in enumerate(mixed):
+      full = np.asarray(lm.logits(np.array([prompt + list(n.path)])))[0, -1]
+      np.testing.assert_allclose(np.asarray(got)[row], full, atol=3e-5)
+  finally:
+    del lm.branch
+
+
 def test_compounding_along_canonical_paths(lm):
   """Per-step validity along each answer's canonical path (" " + answer + "\\n") equals the
   reference sampler's valid mass at each prefix; path_validity is their product."""
