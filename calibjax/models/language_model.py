@@ -87,10 +87,11 @@ class LanguageModel:
     b = tokens.shape[0]
     zero = jnp.zeros((), cache.index.dtype)
     rows = lambda x: jnp.broadcast_to(x, (b,) + x.shape[1:])
-    layers = tuple(tuple(jax.lax.dynamic_update_slice(rows(x), path_kv[:, :, l, j].astype(x.dtype),
-                                                      (zero, cache.index, zero, zero))
-                         for j, x in enumerate(kv)) for l, kv in enumerate(cache.layers))
-    pos = jax.lax.dynamic_update_slice(rows(cache.pos), path_pos, (zero, cache.index))
+    write = lambda x, new: jax.lax.dynamic_update_slice(  # the paths after the prefix
+        rows(x), new.astype(x.dtype), (zero, cache.index) + (zero,) * (x.ndim - 2))
+    layers = tuple(tuple(write(x, path_kv[:, :, l, j]) for j, x in enumerate(kv))
+                   for l, kv in enumerate(cache.layers))
+    pos = write(cache.pos, path_pos)
     cache = KVCache(layers=layers, pos=pos, index=cache.index + path_pos.shape[1])
     ids = tokens[:, None]
     ids, cache = spread((ids, cache))

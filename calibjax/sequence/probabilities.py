@@ -100,6 +100,7 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
     cut_on = []  # (members, score x, cuts θ on x): the rules' masses, one joint pass
     on_a = []  # (members, cuts on a): the logit-score rules share the score a
     for rule, members in groups:
+      values = [specs[k].rules[0][1] for k in members]
       if rule == ORACLE_SET:  # softmax over the valid logits (never underflows)
         a_idx = jnp.where(real, jnp.take(a, idx), -jnp.inf)
         e = jnp.exp(a_idx - jnp.max(a_idx))
@@ -112,12 +113,11 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
         on_cut = real[None, :] & (jnp.take(z, idx)[None, :] == z_star[:, None])
         hi = jnp.max(jnp.where(on_cut, jnp.take(a, idx)[None, :], -jnp.inf), axis=-1)
         lo = jnp.zeros(len(members), jnp.float32)
-      elif rule == TOP_K and max(values := [int(specs[k].rules[0][1]) for k in members]) <= (
-          _TOP_VALUES):  # the k-th largest a, read off the row's largest values
-        on_a.append((members, kth_largest(a, alive, values)))
+      elif rule == TOP_K and max(values) <= _TOP_VALUES:  # read off the row's largest a
+        on_a.append((members, kth_largest(a, alive, [int(v) for v in values])))
         continue
       else:
-        hi, lo = map(jnp.asarray, double_float.split([specs[k].rules[0][1] for k in members]))
+        hi, lo = map(jnp.asarray, double_float.split(values))
       x, theta, _, consts = REGISTRY[rule].cut(a, m, hi, lo, lambda: a)
       if REGISTRY[rule].score == "logit":
         on_a.append((members, logit_threshold(theta, consts)))

@@ -171,7 +171,8 @@ class NodeEvaluator:
     own = self.own_kv
     depth = max(len(node.path) for node in nodes)
     width = bucket(depth + 1, minimum=1) - 1  # path slots: few shapes, one compile each
-    kv = np.zeros((len(nodes), width) + self._shape(), self.lm.dtype)
+    c = self.lm.config
+    kv = np.zeros((len(nodes), width, c.layers, 2, c.kv_heads, c.head_dim), self.lm.dtype)
     pos = np.full((len(nodes), width), -1, np.int32)
     for i, node in enumerate(nodes):
       for j in range(len(node.path)):
@@ -185,7 +186,3 @@ class NodeEvaluator:
         own[node.path] = row
         self.kept_bytes += row.nbytes
     return logits, hidden
-
-  def _shape(self):
-    c = self.lm.config
-    return (c.layers, 2, c.kv_heads, c.head_dim)
