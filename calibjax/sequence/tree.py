@@ -148,6 +148,7 @@ class NodeEvaluator:
         None if LINEAR in lm.config.layer_types else {})
     self.cache_bytes = cache_bytes
     self.kept_bytes = 0
+    self._pending = None  # the last branch call's (nodes, their keys and values on device)
 
   def forward(self, nodes: list[Node]):
     """``(logits [batch_size, V], hidden [batch_size, d], valid masks [batch_size, V])``
@@ -155,7 +156,7 @@ class NodeEvaluator:
     node."""
     n = len(nodes)
     nodes = nodes + nodes[:1] * (self.batch_size - n)
-    own = self.own_kv
+    own = self._keep_pending()
     if own is not None and all(not node.path or node.path[:-1] in own for node in nodes):
       logits, hidden = self._branch(nodes[:n], nodes)
     else:
@@ -163,11 +164,25 @@ class NodeEvaluator:
       logits, hidden = self.lm.extend(self.cache, ids, mask)
     if self.head is not None:
       logits = self.head(hidden, logits)
+    # built while the model runs; its keys and values are copied at the next call, after the
+    # caller's work on these logits was queued behind the model
     return logits, hidden, np.stack([self.tree.valid_mask(node) for node in nodes])
 
+  def _keep_pending(self):
+    """Keeps the last branch call's keys and values (within ``cache_bytes``); the kept ones."""
+    own = self.own_kv
+    if self._pending is not None:
+      new, token_kv = self._pending
+      self._pending = None
+      for node, row in zip(new, to_host(token_kv)):
+        if self.kept_bytes + row.nbytes <= self.cache_bytes and node.path not in own:
+          own[node.path] = row
+          self.kept_bytes += row.nbytes
+    return own
+
   def _branch(self, new, nodes):
-    """Each node's last token on its ancestors' kept keys and values; keeps the ``new``
-    nodes' own."""
+    """Each node's last token on its ancestors' kept keys and values; the ``new`` nodes'
+    own are kept at the next call."""
     own = self.own_kv
     depth = max(len(node.path) for node in nodes)
     width = bucket(depth + 1, minimum=1) - 1  # path slots: few shapes, one compile each
@@ -180,9 +195,5 @@ class NodeEvaluator:
       pos[i, :len(node.path)] = self.base + np.arange(len(node.path))
     tokens = [node.path[-1] if node.path else self.last for node in nodes]
     logits, hidden, token_kv = self.lm.branch(self.cache, kv, pos, tokens)
-    token_kv = to_host(token_kv)
-    for node, row in zip(new, token_kv):
-      if self.kept_bytes + row.nbytes <= self.cache_bytes and node.path not in own:
-        own[node.path] = row
-        self.kept_bytes += row.nbytes
+    self._pending = (new, token_kv)
     return logits, hidden

@@ -107,13 +107,13 @@ def test_node_evaluator_tree_cache_and_its_fallbacks(lm):
                for v in np.flatnonzero(m) if v not in tree.eos_ids][:4]
     assert calls["branch"] == 2 + 1  # the cached evaluator's two levels, the plain's root
     assert plain.kept_bytes == 0 and len(plain.own_kv) == 0
-    assert 0 < cached.kept_bytes == sum(x.nbytes for x in cached.own_kv.values())
     # a node not run yet (its parent ran) and its child
     node, v = next((n, v) for n in level for v in np.flatnonzero(tree.valid_mask(n))
                    if v not in tree.eos_ids)
     mixed = [node, tree.child(node, v, node.mass)]
     got, _, _ = cached.forward(mixed)
     assert calls["branch"] == 3  # whole paths
+    assert 0 < cached.kept_bytes == sum(x.nbytes for x in cached.own_kv.values())
     for row, n in enumerate(mixed):
       full = np.asarray(lm.logits(np.array([prompt + list(n.path)])))[0, -1]
       np.testing.assert_allclose(np.asarray(got)[row], full, atol=3e-5)
