@@ -517,10 +517,10 @@ def run_sequence_benchmark(cfg: SequenceBenchmarkConfig, log: Callable = print) 
   on ``cfg.model`` (loaded beforehand), each against its floor: the exact engine's nodes per
   second (the best of its third and fourth runs, compiled and not instrumented; the first is
   ``exact_cold_s``) over the model's alone on the same node batches (the engine's own calls
-  replayed; ``extend`` on whole paths too), Monte Carlo's sampled tokens per second (compilation included) over
-  greedy decoding at the same batch size (compiled); the exact engine's time by stage (its
-  second run, each stage waited for: ``exact_staged_s``, :class:`_Stages`); and
-  ``mc1000_one_sampler_over_exact_64_samplers``, both runs cold."""
+  replayed; ``extend`` on whole paths too), Monte Carlo's sampled tokens per second
+  (compilation included) over greedy decoding at the same batch size (compiled); the exact
+  engine's time by stage (its second run, each stage waited for: ``exact_staged_s``,
+  :class:`_Stages`); and ``mc1000_one_sampler_over_exact_64_samplers``, both runs cold."""
   from calibjax import sequence, tasks
   from calibjax.models import prompts
   lm = load_benchmark_model(cfg.model)

@@ -2,7 +2,8 @@
 
 The valid-prefix tree of a task is expanded best-first by path probability — the largest
 over the samplers — in batches of nodes, the model running once per node on top of the
-prompt's KV cache and every sampler reusing those logits. A path ends when EOS follows a
+prompt's KV cache and its ancestors' keys and values (:class:`NodeEvaluator`'s tree cache),
+and every sampler reusing those logits. A path ends when EOS follows a
 complete answer or a token completes the terminator. Enumeration stops when every sampler's
 unexplored valid mass is below ``bound`` (or after ``max_nodes``, which the result reports);
 nothing is hidden: ``seq_validity + invalid_mass + unexplored_mass = 1`` per sampler.
