@@ -90,9 +90,9 @@ def _row_valid_probs(z, m, idx, real, cuts, specs):
       by_temperature.setdefault(t, []).append((rule, members))
   n_cuts = 0
   for t, groups in by_temperature.items():
-    # one a for every consumer, correctly rounded (SPEC: softmax(z / T)): XLA computes z / T
-    # at times as z · (1/T), an ulp off, differently in different fusions, and a cut
-    # carried to a must meet the same a
+    # one a for every consumer, IEEE's quotient (SPEC: softmax(z / T)): XLA computes z / T
+    # as z · (1/T) in some fusions (an ulp off for 10-33% of tokens), and a cut carried to a
+    # must meet the same a
     a = jax.lax.optimization_barrier(double_float.divide(z, t))
     p = softmax_parts(a)[-1]
     alive = a > -jnp.inf
